@@ -1,0 +1,106 @@
+"""Command line: flags + YAML -> Config, logging, then trio.run(App.run).
+
+Flags override the YAML file. `--check-config` validates and exits; `--print-config` prints the
+effective configuration. Exit status: 0 ok, 2 bad configuration or flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+import yaml
+
+from service import __version__
+from service.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    load_yaml,
+    redact,
+    set_path,
+    to_dict,
+)
+
+# flag -> (config path, type, help)
+_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--prw-listen": ("prw.receiver.listen", str, "PRW receiver address, host:port (default :9091)"),
+    "--telemetry-listen": (
+        "telemetry.listen",
+        str,
+        "/metrics, /live and /ready address (default :8888)",
+    ),
+    "--log-level": ("log.level", str, "debug, info, warning or error"),
+    "--log-format": ("log.format", str, "json or logfmt"),
+    "--shutdown-grace": ("shutdown_grace_s", float, "seconds to drain on SIGTERM before dropping"),
+    "--queue-max-bytes": ("prw.queue.max_bytes", str, "queue byte limit per exporter, e.g. 256MiB"),
+    "--queue-full-behavior": ("prw.queue.full_behavior", str, "block, drop_oldest or drop_newest"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="governor",
+        description="Metrics governance proxy: receives Prometheus Remote Write, forwards it.",
+    )
+    p.add_argument("--config", type=Path, help="YAML configuration file")
+    for flag, (_, tp, help_) in _FLAGS.items():
+        p.add_argument(flag, type=tp, help=help_)
+    p.add_argument(
+        "--prw-export-url",
+        action="append",
+        metavar="URL",
+        help="remote-write URL to forward to; repeat for fan-out (replaces prw.exporters)",
+    )
+    p.add_argument("--check-config", action="store_true", help="validate the config and exit")
+    p.add_argument(
+        "--print-config", action="store_true", help="print the effective config and exit"
+    )
+    p.add_argument("--version", action="version", version=f"governor {__version__}")
+    return p
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    """The effective config: the YAML file, then the flags on top. Raises ConfigError."""
+    data: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            text = args.config.read_text()
+        except OSError as e:
+            raise ConfigError([f"--config: cannot read {args.config}: {e.strerror}"]) from None
+        data = load_yaml(text)
+    for flag, (path, _, _) in _FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            set_path(data, path, value)
+    if args.prw_export_url:
+        set_path(data, "prw.exporters", [{"url": u} for u in args.prw_export_url])
+    return config_from_dict(data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args)
+    except ConfigError as e:
+        print(f"governor: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        yaml.safe_dump(redact(to_dict(cfg)), sys.stdout, sort_keys=False)
+        return 0
+    if args.check_config:
+        print("configuration is valid", file=sys.stderr)
+        return 0
+    from service.app import App
+    from service.telemetry import logs
+
+    logs.setup(cfg.log.level, cfg.log.format)
+    trio.run(App(cfg).run)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Builds the stage graph from the config and owns it: start order, signals, two-phase shutdown.
+
+Nesting is start/stop order: telemetry outermost, then exporters with their queues, then the
+batcher, then receivers innermost; downstream starts first and upstream stops first. Shutdown
+phase one stops the receivers and lets everything drain; phase two, `shutdown_grace_s` later,
+cancels what is left and counts it as dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import attrs
+import trio
+
+from service.config import Config
+from service.export.prw import PRWExporter
+from service.pipeline.batcher import Batcher
+from service.pipeline.items import Ingested
+from service.queue.memory import MemoryQueue
+from service.receivers.http import hypercorn_config, serve_http
+from service.receivers.prw import PRWReceiver
+from service.telemetry import logs
+from service.telemetry.health import Health
+from service.telemetry.metrics import Metrics
+from service.telemetry.server import TelemetryApp
+
+log = logs.get("app")
+
+
+@attrs.frozen
+class Addresses:
+    """Where the servers really listen (ports resolved when the config said 0)."""
+
+    telemetry: tuple[str, int]
+    prw: tuple[str, int]
+
+
+@attrs.frozen
+class ShutdownReport:
+    """What shutdown logged: datapoints delivered and dropped (by reason), per exporter."""
+
+    clean: bool  # everything drained before the grace period ran out
+    delivered: dict[str, int]
+    dropped: dict[str, dict[str, int]]
+
+
+class App:
+    """One governor process: `await app.run(task_status=...)`, stop with `app.shutdown()`."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.health = Health()
+        self._stop = trio.Event()
+        self._hard_stop = trio.Event()
+        self._pipeline_scope = trio.CancelScope()
+        self.exporters: list[PRWExporter] = []
+        self.batcher: Batcher | None = None
+        self.report: ShutdownReport | None = None
+
+    def shutdown(self) -> None:
+        """Begin phase one of shutdown; a second call skips to phase two."""
+        if self._stop.is_set():
+            self._hard_stop.set()
+        self._stop.set()
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Addresses] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        cfg = self.cfg
+        telemetry_done = trio.Event()
+        async with trio.open_nursery() as root:
+            tel = await root.start(
+                serve_http,
+                TelemetryApp(self.metrics, self.health),
+                hypercorn_config(cfg.telemetry.listen),
+                telemetry_done.wait,
+            )
+            root.start_soon(self._watch_signals)
+            root.start_soon(self._hard_stop_watch)
+            try:
+                await self._run_pipeline(tel[0], task_status)
+            finally:
+                telemetry_done.set()
+                root.cancel_scope.cancel()
+
+    async def _run_pipeline(
+        self, tel: tuple[str, int], task_status: trio.TaskStatus[Addresses]
+    ) -> None:
+        cfg = self.cfg
+        pcfg = cfg.prw
+        queues = []
+        for exp_cfg in pcfg.exporters:
+            holder: list[PRWExporter] = []
+
+            def on_drop(batch, holder=holder) -> None:
+                holder[0].drop(batch.datapoints, "queue_full")
+
+            q = MemoryQueue(pcfg.queue, on_drop)
+            exporter = PRWExporter(exp_cfg, q, metrics=self.metrics)
+            holder.append(exporter)
+            queues.append(q)
+            self.exporters.append(exporter)
+        self.batcher = Batcher(pcfg.batch, queues, metrics=self.metrics)
+        tx, rx = trio.open_memory_channel[Ingested](pcfg.receiver.ingest_queue_requests)
+        self._rx = rx.clone()  # kept to count what a hard stop leaves in the channel
+        receiver = PRWReceiver(
+            pcfg.receiver,
+            tx,
+            metrics=self.metrics,
+            health=self.health,
+            log_interval_s=cfg.log.rate_limit_interval_s,
+        )
+        stop_receiving = trio.Event()
+        with self._pipeline_scope as pipeline_scope:
+            async with trio.open_nursery() as exporters:
+                for exporter in self.exporters:
+                    await exporters.start(exporter.run)
+                async with trio.open_nursery() as processing:
+                    processing.start_soon(self.batcher.run, rx)
+                    async with tx, trio.open_nursery() as receivers:
+                        prw_addr = await receivers.start(
+                            serve_http,
+                            receiver,
+                            hypercorn_config(
+                                pcfg.receiver.listen,
+                                keep_alive_max_requests=pcfg.receiver.keep_alive_max_requests,
+                            ),
+                            stop_receiving.wait,
+                        )
+                        self.health.set("ready")
+                        addrs = Addresses(telemetry=tel, prw=prw_addr[0])
+                        logs.log(
+                            log,
+                            logging.INFO,
+                            "governor started",
+                            telemetry=f"{tel[0]}:{tel[1]}",
+                            prw=f"{prw_addr[0][0]}:{prw_addr[0][1]}",
+                            exporters=[e.name for e in self.exporters],
+                        )
+                        task_status.started(addrs)
+                        await self._stop.wait()
+                        self.health.set("draining")
+                        logs.log(
+                            log,
+                            logging.INFO,
+                            "shutting down: draining",
+                            grace_s=cfg.shutdown_grace_s,
+                        )
+                        pipeline_scope.deadline = trio.current_time() + cfg.shutdown_grace_s
+                        stop_receiving.set()
+        self._report(clean=not pipeline_scope.cancelled_caught)
+
+    async def _hard_stop_watch(self) -> None:
+        await self._hard_stop.wait()
+        self._pipeline_scope.cancel()
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                logs.log(log, logging.INFO, "signal received", signal=signal.Signals(signum).name)
+                self.shutdown()
+
+    def _report(self, clean: bool) -> None:
+        """Count what the hard stop left behind as dropped, and log the summary per exporter."""
+        lost_upstream = self.batcher.pending_datapoints if self.batcher else 0
+        with self._rx:
+            while True:
+                try:
+                    lost_upstream += self._rx.receive_nowait().datapoints
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+        for exporter in self.exporters:
+            st = exporter.queue.statistics()
+            left = st.datapoints + st.in_flight_datapoints + lost_upstream
+            if left:
+                exporter.drop(left, "shutdown")
+        self.report = ShutdownReport(
+            clean=clean,
+            delivered={e.name: e.sent_datapoints for e in self.exporters},
+            dropped={e.name: dict(e.dropped_datapoints) for e in self.exporters},
+        )
+        lost = any(self.report.dropped.values())
+        logs.log(
+            log,
+            logging.WARNING if lost or not clean else logging.INFO,
+            "governor stopped",
+            drained=clean,
+            delivered_datapoints=self.report.delivered,
+            dropped_datapoints=self.report.dropped,
+        )

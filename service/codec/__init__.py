@@ -1,0 +1,1 @@
+"""Sans-IO codecs: compression, PRW encode/decode, size limits. Never imports trio."""

@@ -1,0 +1,99 @@
+"""Body compression for receivers and exporters, with a hard limit on decompressed size.
+
+Owns the mapping from Content-Encoding to codec. Decompression never allocates past the caller's
+limit, so a zip bomb costs at most `limit` bytes; it must never trust a size the sender claims.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import cramjam
+
+from service.codec.errors import BadCompression, DecompressedTooLarge, UnsupportedEncoding
+
+ENCODINGS = ("snappy", "zstd", "gzip", "deflate", "identity")
+
+
+def decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """Decompress `body` sent with Content-Encoding `encoding` ('' means identity).
+
+    Raises DecompressedTooLarge past `limit` decompressed bytes, BadCompression for corrupt data and
+    UnsupportedEncoding for an encoding not in ENCODINGS.
+    """
+    encoding = encoding.strip().lower()
+    if encoding == "snappy":
+        return _snappy(body, limit)
+    if encoding in ("", "identity"):
+        if len(body) > limit:
+            raise DecompressedTooLarge(f"body of {len(body)} bytes is over the limit of {limit}")
+        return body
+    if encoding in ("gzip", "x-gzip"):
+        return _zlib(body, limit, zlib.MAX_WBITS | 16, "gzip")
+    if encoding == "deflate":
+        # RFC 9110 deflate is zlib-wrapped, but some clients send raw deflate; accept both.
+        try:
+            return _zlib(body, limit, zlib.MAX_WBITS, "deflate")
+        except BadCompression:
+            return _zlib(body, limit, -zlib.MAX_WBITS, "deflate")
+    if encoding == "zstd":
+        return _zstd(body, limit)
+    raise UnsupportedEncoding(f"content-encoding {encoding!r} is not supported")
+
+
+def _snappy(body: bytes, limit: int) -> bytes:
+    try:
+        claimed = cramjam.snappy.decompress_raw_len(body)
+    except cramjam.DecompressionError:
+        raise BadCompression("body is not valid snappy (block format)") from None
+    if claimed > limit:
+        raise DecompressedTooLarge(f"snappy body claims {claimed} bytes, over the limit of {limit}")
+    try:
+        return bytes(cramjam.snappy.decompress_raw(body))
+    except cramjam.DecompressionError:
+        raise BadCompression("body is not valid snappy (block format)") from None
+
+
+def _zlib(body: bytes, limit: int, wbits: int, name: str) -> bytes:
+    d = zlib.decompressobj(wbits)
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error:
+        raise BadCompression(f"body is not valid {name}") from None
+    if len(out) > limit:
+        raise DecompressedTooLarge(f"{name} body decompresses past the limit of {limit} bytes")
+    if not d.eof:
+        raise BadCompression(f"{name} body is truncated")
+    return out
+
+
+def _zstd(body: bytes, limit: int) -> bytes:
+    # The output buffer is the limit: cramjam refuses to write past it. bytearray pages are
+    # allocated lazily, so a large limit costs only what is really written.
+    out = bytearray(limit + 1)
+    try:
+        n = cramjam.zstd.decompress_into(body, out)
+    except cramjam.DecompressionError as e:
+        if "whole buffer" in str(e):
+            raise DecompressedTooLarge(
+                f"zstd body decompresses past the limit of {limit} bytes"
+            ) from None
+        raise BadCompression("body is not valid zstd") from None
+    if n > limit:
+        raise DecompressedTooLarge(f"zstd body decompresses past the limit of {limit} bytes")
+    return bytes(memoryview(out)[:n])
+
+
+def compress(data: bytes, encoding: str) -> bytes:
+    """Compress `data` for Content-Encoding `encoding` (snappy is the raw block format)."""
+    if encoding == "snappy":
+        return bytes(cramjam.snappy.compress_raw(data))
+    if encoding == "zstd":
+        return bytes(cramjam.zstd.compress(data))
+    if encoding == "gzip":
+        return bytes(cramjam.gzip.compress(data))
+    if encoding == "deflate":
+        return zlib.compress(data)
+    if encoding in ("", "identity"):
+        return data
+    raise UnsupportedEncoding(f"content-encoding {encoding!r} is not supported")

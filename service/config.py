@@ -1,0 +1,352 @@
+"""The configuration tree: frozen attrs classes, built from YAML plus CLI flags.
+
+This module owns every setting and its validation. Loading reports every problem at once, each with
+the key's path (`prw.exporters[0].timeout_s: must be > 0`); it never half-applies a config.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import attrs
+import yaml
+
+MiB = 1024 * 1024
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; `problems` lists every problem as 'path: reason'."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+        self.problems = problems
+
+
+# ---- field validators -------------------------------------------------------------------------
+
+
+def _positive(_inst: object, attribute: attrs.Attribute, value: float) -> None:
+    if value <= 0:
+        raise ValueError("must be > 0")
+
+
+def _non_negative(_inst: object, attribute: attrs.Attribute, value: float) -> None:
+    if value < 0:
+        raise ValueError("must be >= 0")
+
+
+def _fraction(_inst: object, attribute: attrs.Attribute, value: float) -> None:
+    if not 0 <= value <= 1:
+        raise ValueError("must be between 0 and 1")
+
+
+_LISTEN_RE = re.compile(r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d{1,5})$")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split 'host:port', '[v6]:port' or ':port' (all interfaces); raises ValueError."""
+    m = _LISTEN_RE.match(value)
+    if not m or int(m["port"]) > 65535:
+        raise ValueError(f"{value!r} is not host:port")
+    host = m["v6"] if m["v6"] is not None else (m["host"] or "0.0.0.0")
+    return host, int(m["port"])
+
+
+def _listen(_inst: object, attribute: attrs.Attribute, value: str) -> None:
+    parse_listen(value)
+
+
+def _http_url(_inst: object, attribute: attrs.Attribute, value: str) -> None:
+    if not re.match(r"^https?://[^/\s]+", value):
+        raise ValueError(f"{value!r} is not an http:// or https:// URL")
+
+
+# ---- the tree ---------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class LogConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "logfmt"] = "json"
+    # Repeated warnings about bad input are logged at most once per reason per interval.
+    rate_limit_interval_s: float = attrs.field(default=10.0, validator=_positive)
+
+
+@attrs.frozen
+class TelemetryConfig:
+    listen: str = attrs.field(default=":8888", validator=_listen)
+
+
+@attrs.frozen
+class ReceiverConfig:
+    listen: str = attrs.field(default=":9091", validator=_listen)
+    max_request_bytes: int = attrs.field(default=16 * MiB, validator=_positive)
+    # Snappy compresses PRW about 5-10x; 64 MiB leaves room for honest clients and stops zip bombs.
+    max_decompressed_bytes: int = attrs.field(default=64 * MiB, validator=_positive)
+    # Requests waiting for the governance stage; with the byte limits above this bounds memory.
+    ingest_queue_requests: int = attrs.field(default=64, validator=_positive)
+    # How long a request may wait for room in the ingest channel before it is answered 429.
+    ingest_wait_s: float = attrs.field(default=0.5, validator=_non_negative)
+    retry_after_s: int = attrs.field(default=1, validator=_positive)
+    # hypercorn closes a keep-alive connection after this many requests; its default (1000)
+    # made long-lived remote-write clients reconnect constantly.
+    keep_alive_max_requests: int = attrs.field(default=1_000_000, validator=_positive)
+
+
+@attrs.frozen
+class BatchConfig:
+    max_series: int = attrs.field(default=10_000, validator=_positive)
+    max_bytes: int = attrs.field(default=4 * MiB, validator=_positive)  # uncompressed protobuf
+    interval_s: float = attrs.field(default=1.0, validator=_positive)
+
+
+@attrs.frozen
+class QueueConfig:
+    type: Literal["memory"] = "memory"
+    # Both bounds apply; whichever is reached first makes the queue full.
+    max_batches: int = attrs.field(default=10_000, validator=_positive)
+    max_bytes: int = attrs.field(default=256 * MiB, validator=_positive)  # compressed payloads
+    full_behavior: Literal["block", "drop_oldest", "drop_newest"] = "block"
+
+
+@attrs.frozen
+class RetryConfig:
+    initial_delay_s: float = attrs.field(default=0.5, validator=_positive)
+    max_delay_s: float = attrs.field(default=30.0, validator=_positive)
+    multiplier: float = attrs.field(default=2.0, validator=_positive)
+    jitter: float = attrs.field(default=0.2, validator=_fraction)
+    # A Retry-After longer than this is clipped, so a confused backend cannot park us for days.
+    max_retry_after_s: float = attrs.field(default=300.0, validator=_positive)
+    # 0 retries a retryable failure until it succeeds (the queue holds the rest), like vmagent.
+    max_elapsed_s: float = attrs.field(default=0.0, validator=_non_negative)
+
+
+@attrs.frozen
+class BreakerConfig:
+    failure_threshold: int = attrs.field(default=5, validator=_positive)
+    open_s: float = attrs.field(default=5.0, validator=_positive)
+    # Each failed probe doubles the open time, up to this.
+    max_open_s: float = attrs.field(default=60.0, validator=_positive)
+
+
+@attrs.frozen
+class BasicAuthConfig:
+    username: str = ""
+    password: str = ""
+    password_file: str = ""
+
+
+@attrs.frozen
+class PRWExporterConfig:
+    url: str = attrs.field(validator=_http_url)
+    name: str = ""  # label for metrics and logs; defaults to host:port/path without credentials
+    timeout_s: float = attrs.field(default=30.0, validator=_positive)
+    workers: int = attrs.field(default=2, validator=_positive)
+    headers: dict[str, str] = attrs.field(factory=dict)
+    bearer_token: str = ""
+    bearer_token_file: str = ""
+    basic_auth: BasicAuthConfig | None = None
+    retry: RetryConfig = attrs.field(factory=RetryConfig)
+    breaker: BreakerConfig = attrs.field(factory=BreakerConfig)
+
+
+@attrs.frozen
+class PRWConfig:
+    receiver: ReceiverConfig = attrs.field(factory=ReceiverConfig)
+    batch: BatchConfig = attrs.field(factory=BatchConfig)
+    queue: QueueConfig = attrs.field(factory=QueueConfig)
+    exporters: list[PRWExporterConfig] = attrs.field(factory=list)
+
+
+@attrs.frozen
+class Config:
+    log: LogConfig = attrs.field(factory=LogConfig)
+    telemetry: TelemetryConfig = attrs.field(factory=TelemetryConfig)
+    prw: PRWConfig = attrs.field(factory=PRWConfig)
+    # Phase two of shutdown starts this long after SIGTERM: what is still queued is then dropped
+    # (memory queue) and counted.
+    shutdown_grace_s: float = attrs.field(default=30.0, validator=_positive)
+
+
+def _cross_checks(cfg: Config) -> list[str]:
+    problems = []
+    if not cfg.prw.exporters:
+        problems.append("prw.exporters: at least one exporter is required (or --prw-export-url)")
+    for i, exp in enumerate(cfg.prw.exporters):
+        path = f"prw.exporters[{i}]"
+        if exp.bearer_token and exp.bearer_token_file:
+            problems.append(f"{path}: set bearer_token or bearer_token_file, not both")
+        if (exp.bearer_token or exp.bearer_token_file) and exp.basic_auth is not None:
+            problems.append(f"{path}: set bearer token or basic_auth, not both")
+        if exp.retry.initial_delay_s > exp.retry.max_delay_s:
+            problems.append(f"{path}.retry: initial_delay_s is larger than max_delay_s")
+        if exp.breaker.open_s > exp.breaker.max_open_s:
+            problems.append(f"{path}.breaker: open_s is larger than max_open_s")
+    names = [exporter_name(e) for e in cfg.prw.exporters]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(
+            f"prw.exporters: two exporters are named {name!r}; give them distinct names"
+        )
+    rc = cfg.prw.receiver
+    if rc.max_decompressed_bytes < rc.max_request_bytes:
+        problems.append("prw.receiver: max_decompressed_bytes is smaller than max_request_bytes")
+    return problems
+
+
+def exporter_name(exp: PRWExporterConfig) -> str:
+    """The exporter's label: its `name`, or the URL without scheme, credentials and query."""
+    if exp.name:
+        return exp.name
+    rest = exp.url.split("://", 1)[1].split("?", 1)[0]
+    host, _, path = rest.partition("/")
+    return host.rpartition("@")[2] + ("/" + path if path else "")
+
+
+# ---- building from plain data -----------------------------------------------------------------
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": MiB, "GiB": 1024 * MiB}
+_SIZE_UNITS |= {"KB": 1000, "MB": 1000**2, "GB": 1000**3}
+
+
+def _convert(tp: Any, value: Any, path: str, problems: list[str], field_name: str = "") -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, path, problems, field_name)
+    if attrs.has(tp):
+        return _build(tp, value, path, problems)
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{path}: expected a list, got {type(value).__name__}")
+            return None
+        return [_convert(args[0], v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            problems.append(f"{path}: expected a mapping of strings to strings")
+            return None
+        return dict(value)
+    if origin is Literal:
+        if value not in args:
+            problems.append(f"{path}: {value!r} is not one of {', '.join(map(str, args))}")
+            return None
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{path}: expected true or false, got {value!r}")
+            return None
+        return value
+    if tp is int:
+        if field_name.endswith("_bytes") and isinstance(value, str):
+            m = _SIZE_RE.match(value)
+            if m:
+                return int(m[1]) * _SIZE_UNITS[m[2]]
+            problems.append(f"{path}: {value!r} is not a size like 64MiB")
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{path}: expected an integer, got {value!r}")
+            return None
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{path}: expected a number, got {value!r}")
+            return None
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(f"{path}: expected a string, got {value!r}")
+            return None
+        return value
+    raise TypeError(f"config type {tp!r} is not handled")  # a bug in this module, not user error
+
+
+def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
+    prefix = f"{path}." if path else ""
+    if not isinstance(data, Mapping):
+        problems.append(f"{path or '<top>'}: expected a mapping, got {type(data).__name__}")
+        return None
+    attrs.resolve_types(cls)
+    fields = {f.name: f for f in attrs.fields(cls)}
+    for key in data:
+        if key not in fields:
+            problems.append(f"{prefix}{key}: unknown key")
+    kwargs = {}
+    n_before = len(problems)
+    for name, field in fields.items():
+        if name in data:
+            kwargs[name] = _convert(field.type, data[name], prefix + name, problems, name)
+        elif field.default is attrs.NOTHING:
+            problems.append(f"{prefix}{name}: required")
+    if len(problems) > n_before:
+        return None
+    # Validators raise on the first bad field; run them one by one to report all of them.
+    for name, value in kwargs.items():
+        field = fields[name]
+        if field.validator is not None and value is not None:
+            try:
+                field.validator(None, field, value)
+            except ValueError as e:
+                problems.append(f"{prefix}{name}: {e}")
+    if len(problems) > n_before:
+        return None
+    return cls(**kwargs)
+
+
+def config_from_dict(data: Mapping[str, Any] | None) -> Config:
+    """Build and validate a Config; raises ConfigError listing every problem."""
+    problems: list[str] = []
+    cfg = _build(Config, data or {}, "", problems)
+    if cfg is not None:
+        problems += _cross_checks(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load_yaml(text: str) -> dict[str, Any]:
+    """Parse YAML text with the safe loader; raises ConfigError on syntax errors."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError([f"<yaml>: {' '.join(str(e).split())}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"<top>: expected a mapping, got {type(data).__name__}"])
+    return data
+
+
+def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c` in nested dicts, creating levels as needed (how flags override YAML)."""
+    *parents, last = dotted.split(".")
+    for key in parents:
+        data = data.setdefault(key, {})
+    data[last] = value
+
+
+def to_dict(cfg: Any) -> Any:
+    """The config as plain data, in the same shape the YAML file takes."""
+    return attrs.asdict(cfg, recurse=True)
+
+
+def redact(data: Any, secret_keys: tuple[str, ...] = ("password", "bearer_token")) -> Any:
+    """Replace secret values with '<redacted>' for printing."""
+    if isinstance(data, dict):
+        return {
+            k: ("<redacted>" if k in secret_keys and v else redact(v, secret_keys))
+            for k, v in data.items()
+        }
+    if isinstance(data, list):
+        return [redact(v, secret_keys) for v in data]
+    if isinstance(data, str):
+        return re.sub(r"://[^/@\s]+@", "://<redacted>@", data)
+    return data

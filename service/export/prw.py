@@ -1,0 +1,250 @@
+"""The remote-write exporter: one per backend URL, with its own queue, workers and breaker.
+
+Workers take batches from the queue and deliver them: retry with backoff while the backend is
+unwell, split on 413, drop and count what the backend refuses for good. A batch leaves the queue
+for good (ack) only when it is delivered or dropped and counted; it never disappears silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import httpx
+import trio
+
+from service import __version__
+from service.codec import compression, prw
+from service.config import PRWExporterConfig, exporter_name
+from service.export.policy import (
+    CircuitBreaker,
+    Kind,
+    Outcome,
+    RetryPolicy,
+    classify_http,
+    network_error,
+)
+from service.pipeline.items import Batch
+from service.queue.base import Queue
+from service.telemetry import logs
+from service.telemetry.metrics import Metrics
+
+PIPELINE = "prw"
+
+
+def _auth_headers(cfg: PRWExporterConfig) -> dict[str, str]:
+    headers = {}
+    token = cfg.bearer_token
+    if cfg.bearer_token_file:
+        token = Path(cfg.bearer_token_file).read_text().strip()
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    return headers
+
+
+class PRWExporter:
+    """Delivers the batches of `queue` to one remote-write URL."""
+
+    def __init__(self, cfg: PRWExporterConfig, queue: Queue, *, metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.name = exporter_name(cfg)
+        self.queue = queue
+        self.policy = RetryPolicy(cfg.retry)
+        self.breaker = CircuitBreaker(cfg.breaker)
+        self._breaker_changed = trio.Event()
+        self.sent_datapoints = 0
+        self.dropped_datapoints: dict[str, int] = {}
+        self._log = logs.get("export.prw")
+        self._rl = logs.RateLimited(self._log, 10.0)
+        labels = (PIPELINE, self.name)
+        self._sent = metrics.datapoints_sent.labels(*labels)
+        self._dropped = metrics.datapoints_dropped
+        self._requests = metrics.export_requests
+        self._retries = metrics.export_retries.labels(*labels)
+        self._splits = metrics.export_splits.labels(*labels)
+        self._duration = metrics.export_duration.labels(*labels)
+        lbl = {"pipeline": PIPELINE, "exporter": self.name}
+        metrics.gauge(
+            "governor_queue_length",
+            "Batches waiting in the queue.",
+            lbl,
+            lambda: self.queue.statistics().length,
+        )
+        metrics.gauge(
+            "governor_queue_bytes",
+            "Compressed bytes waiting in the queue.",
+            lbl,
+            lambda: self.queue.statistics().bytes,
+        )
+        metrics.gauge(
+            "governor_queue_capacity_bytes",
+            "The queue's byte limit.",
+            lbl,
+            lambda: self.queue.statistics().max_bytes,
+        )
+        metrics.gauge(
+            "governor_queue_in_flight_batches",
+            "Batches taken by workers, not yet settled.",
+            lbl,
+            lambda: self.queue.statistics().in_flight,
+        )
+        metrics.gauge(
+            "governor_breaker_state",
+            "Circuit breaker: 0 closed, 1 open, 2 half-open.",
+            lbl,
+            lambda: int(self.breaker.state),
+        )
+        self._headers = {
+            "content-type": prw.CONTENT_TYPE,
+            "content-encoding": "snappy",
+            "x-prometheus-remote-write-version": prw.VERSION_HEADER,
+            "user-agent": f"governor/{__version__}",
+            **_auth_headers(cfg),
+            **{k.lower(): v for k, v in cfg.headers.items()},
+        }
+        auth = None
+        if cfg.basic_auth is not None:
+            password = cfg.basic_auth.password
+            if cfg.basic_auth.password_file:
+                password = Path(cfg.basic_auth.password_file).read_text().strip()
+            auth = httpx.BasicAuth(cfg.basic_auth.username, password)
+        self._client = httpx.AsyncClient(
+            auth=auth,
+            timeout=httpx.Timeout(cfg.timeout_s),
+            limits=httpx.Limits(max_connections=cfg.workers, max_keepalive_connections=cfg.workers),
+            follow_redirects=False,
+        )
+
+    def drop(self, datapoints: int, reason: str) -> None:
+        """Count `datapoints` as lost for `reason`."""
+        self._dropped.labels(PIPELINE, self.name, reason).inc(datapoints)
+        self.dropped_datapoints[reason] = self.dropped_datapoints.get(reason, 0) + datapoints
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the workers until the queue is closed and drained."""
+        async with self._client, trio.open_nursery() as nursery:
+            for _ in range(self.cfg.workers):
+                nursery.start_soon(self._worker)
+            task_status.started()
+
+    async def _worker(self) -> None:
+        while True:
+            batch = await self.queue.get()
+            if batch is None:
+                return
+            try:
+                await self._deliver(batch)
+            finally:
+                self.queue.ack(batch)
+
+    async def _deliver(self, batch: Batch) -> None:
+        """Deliver `batch` or drop and count it; returns only when it is settled."""
+        attempt = 0
+        started = trio.current_time()
+        max_elapsed = self.cfg.retry.max_elapsed_s or math.inf
+        while True:
+            outcome = await self._send(batch.payload, batch.encoding)
+            if outcome.kind is Kind.SUCCESS:
+                self._sent.inc(batch.datapoints)
+                self.sent_datapoints += batch.datapoints
+                return
+            if outcome.kind is Kind.PERMANENT:
+                self.drop(batch.datapoints, f"http_{outcome.status}")
+                self._rl.warning(
+                    f"permanent{outcome.status}",
+                    "backend refused a batch; dropped",
+                    exporter=self.name,
+                    status=outcome.status,
+                    detail=outcome.detail,
+                    datapoints=batch.datapoints,
+                )
+                return
+            if outcome.kind is Kind.TOO_LARGE:
+                await self._split(batch, outcome)
+                return
+            if trio.current_time() - started >= max_elapsed:
+                self.drop(batch.datapoints, "retries_exhausted")
+                self._rl.warning(
+                    "exhausted",
+                    "gave up on a batch after max_elapsed_s",
+                    exporter=self.name,
+                    detail=outcome.detail,
+                    datapoints=batch.datapoints,
+                )
+                return
+            self._rl.warning(
+                "retry",
+                "export failed; will retry",
+                exporter=self.name,
+                status=outcome.status,
+                detail=outcome.detail,
+            )
+            self._retries.inc()
+            await trio.sleep(self.policy.next_delay(attempt, outcome.retry_after_s))
+            attempt += 1
+
+    async def _split(self, batch: Batch, outcome: Outcome) -> None:
+        raw = compression.decompress(batch.payload, batch.encoding, 1 << 62)
+        halves = prw.split(raw)
+        if halves is None:
+            self.drop(batch.datapoints, "too_large")
+            self._rl.warning(
+                "too_large",
+                "backend refused a single series as too large; dropped",
+                exporter=self.name,
+                detail=outcome.detail,
+            )
+            return
+        self._splits.inc()
+        for half in halves:
+            _, counts = prw.decode(half)
+            await self._deliver(
+                Batch(
+                    payload=compression.compress(half, batch.encoding),
+                    encoding=batch.encoding,
+                    series=counts.series,
+                    datapoints=counts.datapoints,
+                    raw_bytes=len(half),
+                )
+            )
+
+    async def _send(self, payload: bytes, encoding: str) -> Outcome:
+        """One attempt, gated by the circuit breaker (waits while it is open)."""
+        while (wait := self.breaker.acquire(trio.current_time())) > 0:
+            with trio.move_on_after(wait):
+                await self._breaker_changed.wait()
+        t0 = trio.current_time()
+        try:
+            headers = self._headers
+            if encoding != "snappy":
+                headers = {**headers, "content-encoding": encoding}
+            resp = await self._client.post(self.cfg.url, content=payload, headers=headers)
+            outcome = classify_http(resp.status_code, resp.headers, resp.content)
+        except httpx.HTTPError as e:
+            outcome = network_error(e)
+        except BaseException:
+            self.breaker.abandon()
+            self._wake()
+            raise
+        self._duration.observe(trio.current_time() - t0)
+        self._requests.labels(PIPELINE, self.name, outcome.kind.value).inc()
+        before = self.breaker.state
+        self.breaker.record(outcome.backend_alive, trio.current_time())
+        if self.breaker.state is not before:
+            logs.log(
+                self._log,
+                logging.WARNING if outcome.kind is Kind.RETRYABLE else logging.INFO,
+                "circuit breaker " + self.breaker.state.name.lower(),
+                exporter=self.name,
+                detail=outcome.detail,
+            )
+        self._wake()
+        return outcome
+
+    def _wake(self) -> None:
+        self._breaker_changed.set()
+        self._breaker_changed = trio.Event()
+
+    def __repr__(self) -> str:
+        return f"<PRWExporter {self.name} {self.breaker!r} {self.queue!r}>"

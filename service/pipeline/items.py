@@ -1,0 +1,31 @@
+"""The values that flow between stages. Immutable; each carries its own counts so no stage has to
+look inside a payload to account for it."""
+
+from __future__ import annotations
+
+import attrs
+
+
+@attrs.frozen(slots=True)
+class Ingested:
+    """One accepted request: its uncompressed serialized payload and what it holds."""
+
+    data: bytes
+    series: int
+    datapoints: int
+
+
+@attrs.frozen(slots=True)
+class Batch:
+    """An encoded, compressed payload ready for a backend; what queues hold."""
+
+    payload: bytes  # compressed with `encoding`
+    encoding: str
+    series: int
+    datapoints: int
+    raw_bytes: int  # uncompressed size
+
+    @property
+    def size(self) -> int:
+        """Bytes this batch occupies in a queue."""
+        return len(self.payload)

@@ -1,0 +1,126 @@
+"""The Prometheus Remote Write 1.0 receiver: POST /api/v1/write.
+
+Owns request validation and the hand-off to the ingest channel. It acknowledges (204) only once
+the request is in the channel; it never blocks longer than `ingest_wait_s` (then 429), and it never
+lets one client's bad body reach a batch other clients share.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from service.codec import compression, prw
+from service.codec.errors import CodecError
+from service.config import ReceiverConfig
+from service.pipeline.items import Ingested
+from service.receivers.http import (
+    Receive,
+    Rejected,
+    Scope,
+    Send,
+    header,
+    lifespan,
+    read_body,
+    rejection,
+    respond,
+)
+from service.telemetry import logs
+from service.telemetry.health import Health
+from service.telemetry.metrics import Metrics
+
+PATH = "/api/v1/write"
+PIPELINE = "prw"
+_ACCEPTED_TYPES = ("", "application/x-protobuf")
+
+
+class PRWReceiver:
+    """ASGI app for remote write; sends `Ingested` items into `tx`."""
+
+    def __init__(
+        self,
+        cfg: ReceiverConfig,
+        tx: trio.MemorySendChannel[Ingested],
+        *,
+        metrics: Metrics,
+        health: Health,
+        log_interval_s: float = 10.0,
+    ) -> None:
+        self.cfg = cfg
+        self.tx = tx
+        self.health = health
+        self._log = logs.RateLimited(logs.get("receiver.prw"), log_interval_s)
+        self._received = metrics.datapoints_received.labels(PIPELINE)
+        self._requests = metrics.requests
+        self._rejected = metrics.rejected
+        self._ok = metrics.requests.labels(PIPELINE, "204")
+        self._retry_after = [(b"retry-after", str(cfg.retry_after_s).encode())]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        try:
+            written = await self._handle(scope, receive)
+        except Rejected as r:
+            self._requests.labels(PIPELINE, str(r.status)).inc()
+            self._rejected.labels(PIPELINE, r.reason).inc()
+            if r.status != 429 and r.status != 503:
+                self._log.warning(
+                    r.reason,
+                    "rejected request",
+                    reason=r.reason,
+                    status=r.status,
+                    detail=str(r),
+                    client=_client(scope),
+                )
+            await respond(send, r.status, (str(r) + "\n").encode(), headers=r.headers)
+            return
+        self._ok.inc()
+        headers = [
+            (b"x-prometheus-remote-write-samples-written", str(written).encode()),
+        ]
+        await respond(send, 204, headers=headers)
+
+    async def _handle(self, scope: Scope, receive: Receive) -> int:
+        if scope["path"] != PATH:
+            raise Rejected(404, "not_found", f"no such path {scope['path']!r}; use {PATH}")
+        if scope["method"] != "POST":
+            raise Rejected(405, "method_not_allowed", "use POST", headers=[(b"allow", b"POST")])
+        ctype = header(scope, b"content-type")
+        media, _, params = ctype.partition(";")
+        if media.strip().lower() not in _ACCEPTED_TYPES or "proto=io.prometheus.write.v2" in params:
+            raise Rejected(
+                415,
+                "unsupported_media_type",
+                f"content-type {ctype!r} is not remote write 1.0 (application/x-protobuf)",
+            )
+        if self.health.draining:
+            raise Rejected(503, "draining", "shutting down; retry later", self._retry_after)
+        body = await read_body(scope, receive, self.cfg.max_request_bytes)
+        try:
+            data = compression.decompress(
+                body, header(scope, b"content-encoding"), self.cfg.max_decompressed_bytes
+            )
+            _, counts = prw.decode(data)
+        except CodecError as e:
+            raise rejection(e) from None
+        if counts.series:
+            item = Ingested(data, counts.series, counts.datapoints)
+            with trio.move_on_after(self.cfg.ingest_wait_s):
+                try:
+                    await self.tx.send(item)
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    raise Rejected(503, "draining", "shutting down; retry later") from None
+                self._received.inc(counts.datapoints)
+                return counts.samples
+            raise Rejected(
+                429, "backpressure", "ingest queue is full; retry later", self._retry_after
+            )
+        return 0
+
+
+def _client(scope: Scope) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else ""

@@ -1,0 +1,1 @@
+"""Self-telemetry: the metrics registry, /metrics /live /ready, and structured logging."""
