@@ -46,7 +46,15 @@ def _auth_headers(cfg: PRWExporterConfig) -> dict[str, str]:
 class PRWExporter:
     """Delivers the batches of `queue` to one remote-write URL."""
 
-    def __init__(self, cfg: PRWExporterConfig, queue: Queue, *, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        cfg: PRWExporterConfig,
+        queue: Queue,
+        *,
+        metrics: Metrics,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        """`transport` replaces the network (tests pass a recording fake)."""
         self.cfg = cfg
         self.name = exporter_name(cfg)
         self.queue = queue
@@ -114,6 +122,7 @@ class PRWExporter:
             timeout=httpx.Timeout(cfg.timeout_s),
             limits=httpx.Limits(max_connections=cfg.workers, max_keepalive_connections=cfg.workers),
             follow_redirects=False,
+            transport=transport,
         )
 
     def drop(self, datapoints: int, reason: str) -> None:
