@@ -4,10 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 CONFIG ?= deploy/governor.yaml
-# Debian packages the tests start as real peers.
-PEER_PACKAGES := prometheus victoria-metrics
+# Debian packages the tests use: real peers (prometheus, victoria-metrics with vmagent) and
+# docker-compose v1, which validates deploy/docker-compose.yml without a Docker engine.
+PEER_PACKAGES := prometheus victoria-metrics docker-compose
 
-.PHONY: install peers run test lint format proto bench bench-codec clean
+.PHONY: install peers run test lint format proto docs bench bench-codec clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { \
@@ -23,7 +24,7 @@ install: $(STAMP)
 
 # The real peers (Prometheus, victoria-metrics, vmagent) come from Debian; installed when root.
 peers:
-	@missing=""; for b in prometheus victoria-metrics vmagent; do command -v $$b >/dev/null || missing=1; done; \
+	@missing=""; for b in prometheus promtool victoria-metrics vmagent docker-compose; do command -v $$b >/dev/null || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(PEER_PACKAGES); \
 	  else echo "need: sudo apt-get install $(PEER_PACKAGES)" >&2; exit 1; fi; fi
@@ -48,7 +49,11 @@ proto: install
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=service/_proto --pyi_out=service/_proto \
 	  $$(find proto -name '*.proto' | sort)
 	find service/_proto -type d -exec touch {}/__init__.py \;
-	find service/_proto -name '*_pb2*.py*' -exec sed -i -E 's/^from (prometheus|opentelemetry)([. ])/from service._proto.\1\2/' {} +
+	find service/_proto -name '*_pb2*.py*' -exec sed -i -E 's/^from (prometheus|opentelemetry|governor)([. ])/from service._proto.\1\2/' {} +
+
+# Regenerate the configuration reference from the config classes (tests check it is current).
+docs: install
+	$(PY) -m service.config_doc > docs/configuration.md
 
 bench: install peers
 	$(PY) bench/e2e_prw.py

@@ -17,6 +17,7 @@ import trio
 from service.config import Config
 from service.export.prw import PRWExporter
 from service.pipeline.batcher import Batcher
+from service.pipeline.budget import ByteBudget
 from service.pipeline.items import Ingested
 from service.queue.memory import MemoryQueue
 from service.receivers.http import hypercorn_config, serve_http
@@ -99,16 +100,20 @@ class App:
                 holder[0].drop(batch.datapoints, "queue_full")
 
             q = MemoryQueue(pcfg.queue, on_drop)
-            exporter = PRWExporter(exp_cfg, q, metrics=self.metrics)
+            exporter = PRWExporter(
+                exp_cfg, q, metrics=self.metrics, log_interval_s=cfg.log.rate_limit_interval_s
+            )
             holder.append(exporter)
             queues.append(q)
             self.exporters.append(exporter)
-        self.batcher = Batcher(pcfg.batch, queues, metrics=self.metrics)
+        budget = ByteBudget(pcfg.receiver.ingest_max_bytes)
+        self.batcher = Batcher(pcfg.batch, queues, metrics=self.metrics, budget=budget)
         tx, rx = trio.open_memory_channel[Ingested](pcfg.receiver.ingest_queue_requests)
         self._rx = rx.clone()  # kept to count what a hard stop leaves in the channel
         receiver = PRWReceiver(
             pcfg.receiver,
             tx,
+            budget,
             metrics=self.metrics,
             health=self.health,
             log_interval_s=cfg.log.rate_limit_interval_s,
@@ -158,23 +163,30 @@ class App:
         self._pipeline_scope.cancel()
 
     async def _watch_signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
-                logs.log(log, logging.INFO, "signal received", signal=signal.Signals(signum).name)
+                name = signal.Signals(signum).name
+                if signum == signal.SIGHUP:
+                    # Nothing in the running config can change without a restart yet; rules and
+                    # limits (the reloadable parts) arrive with the governance stage.
+                    logs.log(log, logging.INFO, "SIGHUP: nothing to reload", signal=name)
+                    continue
+                logs.log(log, logging.INFO, "signal received", signal=name)
                 self.shutdown()
 
     def _report(self, clean: bool) -> None:
         """Count what the hard stop left behind as dropped, and log the summary per exporter."""
-        lost_upstream = self.batcher.pending_datapoints if self.batcher else 0
+        in_channel = 0
         with self._rx:
             while True:
                 try:
-                    lost_upstream += self._rx.receive_nowait().datapoints
+                    in_channel += self._rx.receive_nowait().datapoints
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-        for exporter in self.exporters:
+        for i, exporter in enumerate(self.exporters):
             st = exporter.queue.statistics()
-            left = st.datapoints + st.in_flight_datapoints + lost_upstream
+            left = st.datapoints + st.in_flight_datapoints - exporter.settled_in_flight()
+            left += in_channel + (self.batcher.lost_datapoints(i) if self.batcher else 0)
             if left:
                 exporter.drop(left, "shutdown")
         self.report = ShutdownReport(

@@ -6,6 +6,7 @@ the key's path (`prw.exporters[0].timeout_s: must be > 0`); it never half-applie
 
 from __future__ import annotations
 
+import os
 import re
 import types
 import typing
@@ -30,12 +31,12 @@ class ConfigError(Exception):
 
 
 def _positive(_inst: object, attribute: attrs.Attribute, value: float) -> None:
-    if value <= 0:
+    if not value > 0:  # written so that NaN fails too
         raise ValueError("must be > 0")
 
 
 def _non_negative(_inst: object, attribute: attrs.Attribute, value: float) -> None:
-    if value < 0:
+    if not value >= 0:  # written so that NaN fails too
         raise ValueError("must be >= 0")
 
 
@@ -84,11 +85,16 @@ class TelemetryConfig:
 @attrs.frozen
 class ReceiverConfig:
     listen: str = attrs.field(default=":9091", validator=_listen)
-    max_request_bytes: int = attrs.field(default=16 * MiB, validator=_positive)
-    # Snappy compresses PRW about 5-10x; 64 MiB leaves room for honest clients and stops zip bombs.
-    max_decompressed_bytes: int = attrs.field(default=64 * MiB, validator=_positive)
-    # Requests waiting for the governance stage; with the byte limits above this bounds memory.
+    # vmagent's own limit for a remote-write request is 32 MB; Prometheus sends a few hundred KiB.
+    max_request_bytes: int = attrs.field(default=8 * MiB, validator=_positive)
+    max_decompressed_bytes: int = attrs.field(default=32 * MiB, validator=_positive)
+    # Requests read, decompressed and decoded at the same time; more wait (up to ingest_wait_s)
+    # and then get 429. With the two limits above this bounds the memory of requests in progress.
+    max_concurrent_requests: int = attrs.field(default=16, validator=_positive)
+    # Accepted requests waiting for the next stage, by count and by decompressed bytes (the open
+    # batch counts too); a request that finds no room within ingest_wait_s gets 429.
     ingest_queue_requests: int = attrs.field(default=64, validator=_positive)
+    ingest_max_bytes: int = attrs.field(default=128 * MiB, validator=_positive)
     # How long a request may wait for room in the ingest channel before it is answered 429.
     ingest_wait_s: float = attrs.field(default=0.5, validator=_non_negative)
     retry_after_s: int = attrs.field(default=1, validator=_positive)
@@ -182,6 +188,18 @@ def _cross_checks(cfg: Config) -> list[str]:
             problems.append(f"{path}: set bearer_token or bearer_token_file, not both")
         if (exp.bearer_token or exp.bearer_token_file) and exp.basic_auth is not None:
             problems.append(f"{path}: set bearer token or basic_auth, not both")
+        ba = exp.basic_auth
+        if ba is not None:
+            if ba.password and ba.password_file:
+                problems.append(f"{path}.basic_auth: set password or password_file, not both")
+            if not ba.username:
+                problems.append(f"{path}.basic_auth.username: required")
+        for key, file in (
+            ("bearer_token_file", exp.bearer_token_file),
+            ("basic_auth.password_file", ba.password_file if ba else ""),
+        ):
+            if file and not os.access(file, os.R_OK):
+                problems.append(f"{path}.{key}: cannot read {file}")
         if exp.retry.initial_delay_s > exp.retry.max_delay_s:
             problems.append(f"{path}.retry: initial_delay_s is larger than max_delay_s")
         if exp.breaker.open_s > exp.breaker.max_open_s:
@@ -194,6 +212,8 @@ def _cross_checks(cfg: Config) -> list[str]:
     rc = cfg.prw.receiver
     if rc.max_decompressed_bytes < rc.max_request_bytes:
         problems.append("prw.receiver: max_decompressed_bytes is smaller than max_request_bytes")
+    if rc.ingest_max_bytes < rc.max_decompressed_bytes:
+        problems.append("prw.receiver: ingest_max_bytes is smaller than max_decompressed_bytes")
     return problems
 
 
@@ -286,9 +306,8 @@ def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
             kwargs[name] = _convert(field.type, data[name], prefix + name, problems, name)
         elif field.default is attrs.NOTHING:
             problems.append(f"{prefix}{name}: required")
-    if len(problems) > n_before:
-        return None
-    # Validators raise on the first bad field; run them one by one to report all of them.
+    # Validators raise on the first bad field; run them one by one to report all of them, also
+    # when another field failed to convert (its value is then None and is skipped here).
     for name, value in kwargs.items():
         field = fields[name]
         if field.validator is not None and value is not None:
@@ -339,10 +358,17 @@ def to_dict(cfg: Any) -> Any:
 
 
 def redact(data: Any, secret_keys: tuple[str, ...] = ("password", "bearer_token")) -> Any:
-    """Replace secret values with '<redacted>' for printing."""
+    """Replace secret values with '<redacted>' for printing: passwords, tokens, URL
+    credentials and every extra header value (headers often carry API keys)."""
     if isinstance(data, dict):
         return {
-            k: ("<redacted>" if k in secret_keys and v else redact(v, secret_keys))
+            k: (
+                "<redacted>"
+                if k in secret_keys and v
+                else {h: "<redacted>" for h in v}
+                if k == "headers" and isinstance(v, dict)
+                else redact(v, secret_keys)
+            )
             for k, v in data.items()
         }
     if isinstance(data, list):

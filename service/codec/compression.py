@@ -6,6 +6,7 @@ limit, so a zip bomb costs at most `limit` bytes; it must never trust a size the
 
 from __future__ import annotations
 
+import mmap
 import zlib
 
 import cramjam
@@ -68,20 +69,24 @@ def _zlib(body: bytes, limit: int, wbits: int, name: str) -> bytes:
 
 
 def _zstd(body: bytes, limit: int) -> bytes:
-    # The output buffer is the limit: cramjam refuses to write past it. bytearray pages are
-    # allocated lazily, so a large limit costs only what is really written.
-    out = bytearray(limit + 1)
+    # The output buffer is the limit: cramjam refuses to write past it. An anonymous mmap is
+    # zero pages until written, so a large limit costs only what is really written (a
+    # bytearray would be zero-filled, touching all `limit` bytes on every call).
+    out = mmap.mmap(-1, limit + 1)
     try:
-        n = cramjam.zstd.decompress_into(body, out)
-    except cramjam.DecompressionError as e:
-        if "whole buffer" in str(e):
-            raise DecompressedTooLarge(
-                f"zstd body decompresses past the limit of {limit} bytes"
-            ) from None
-        raise BadCompression("body is not valid zstd") from None
-    if n > limit:
-        raise DecompressedTooLarge(f"zstd body decompresses past the limit of {limit} bytes")
-    return bytes(memoryview(out)[:n])
+        try:
+            n = cramjam.zstd.decompress_into(body, out)
+        except cramjam.DecompressionError as e:
+            if "whole buffer" in str(e):
+                raise DecompressedTooLarge(
+                    f"zstd body decompresses past the limit of {limit} bytes"
+                ) from None
+            raise BadCompression("body is not valid zstd") from None
+        if n > limit:
+            raise DecompressedTooLarge(f"zstd body decompresses past the limit of {limit} bytes")
+        return out[:n]
+    finally:
+        out.close()
 
 
 def compress(data: bytes, encoding: str) -> bytes:

@@ -53,6 +53,7 @@ class PRWExporter:
         *,
         metrics: Metrics,
         transport: httpx.AsyncBaseTransport | None = None,
+        log_interval_s: float = 10.0,
     ) -> None:
         """`transport` replaces the network (tests pass a recording fake)."""
         self.cfg = cfg
@@ -63,8 +64,9 @@ class PRWExporter:
         self._breaker_changed = trio.Event()
         self.sent_datapoints = 0
         self.dropped_datapoints: dict[str, int] = {}
+        self._settled: dict[int, int] = {}  # id(queued batch) -> datapoints settled by its parts
         self._log = logs.get("export.prw")
-        self._rl = logs.RateLimited(self._log, 10.0)
+        self._rl = logs.RateLimited(self._log, log_interval_s)
         labels = (PIPELINE, self.name)
         self._sent = metrics.datapoints_sent.labels(*labels)
         self._dropped = metrics.datapoints_dropped
@@ -142,13 +144,23 @@ class PRWExporter:
             batch = await self.queue.get()
             if batch is None:
                 return
-            try:
-                await self._deliver(batch)
-            finally:
-                self.queue.ack(batch)
+            await self._deliver(batch, batch)
+            self._settled.pop(id(batch), None)
+            # Ack only once settled. A batch cancelled mid-delivery (hard stop) stays in flight:
+            # the shutdown report counts it as dropped, and a durable queue would redeliver it.
+            self.queue.ack(batch)
 
-    async def _deliver(self, batch: Batch) -> None:
-        """Deliver `batch` or drop and count it; returns only when it is settled."""
+    def settled_in_flight(self) -> int:
+        """Datapoints of in-flight batches already delivered or dropped (halves of a split)."""
+        return sum(self._settled.values())
+
+    def _settle(self, batch: Batch, root: Batch) -> None:
+        if batch is not root:
+            self._settled[id(root)] = self._settled.get(id(root), 0) + batch.datapoints
+
+    async def _deliver(self, batch: Batch, root: Batch) -> None:
+        """Deliver `batch` (all or part of the queued batch `root`) or drop and count it;
+        returns only when it is settled."""
         attempt = 0
         started = trio.current_time()
         max_elapsed = self.cfg.retry.max_elapsed_s or math.inf
@@ -157,6 +169,7 @@ class PRWExporter:
             if outcome.kind is Kind.SUCCESS:
                 self._sent.inc(batch.datapoints)
                 self.sent_datapoints += batch.datapoints
+                self._settle(batch, root)
                 return
             if outcome.kind is Kind.PERMANENT:
                 self.drop(batch.datapoints, f"http_{outcome.status}")
@@ -168,9 +181,10 @@ class PRWExporter:
                     detail=outcome.detail,
                     datapoints=batch.datapoints,
                 )
+                self._settle(batch, root)
                 return
             if outcome.kind is Kind.TOO_LARGE:
-                await self._split(batch, outcome)
+                await self._split(batch, root, outcome)
                 return
             if trio.current_time() - started >= max_elapsed:
                 self.drop(batch.datapoints, "retries_exhausted")
@@ -181,6 +195,7 @@ class PRWExporter:
                     detail=outcome.detail,
                     datapoints=batch.datapoints,
                 )
+                self._settle(batch, root)
                 return
             self._rl.warning(
                 "retry",
@@ -193,8 +208,8 @@ class PRWExporter:
             await trio.sleep(self.policy.next_delay(attempt, outcome.retry_after_s))
             attempt += 1
 
-    async def _split(self, batch: Batch, outcome: Outcome) -> None:
-        raw = compression.decompress(batch.payload, batch.encoding, 1 << 62)
+    async def _split(self, batch: Batch, root: Batch, outcome: Outcome) -> None:
+        raw = compression.decompress(batch.payload, batch.encoding, batch.raw_bytes)
         halves = prw.split(raw)
         if halves is None:
             self.drop(batch.datapoints, "too_large")
@@ -204,6 +219,7 @@ class PRWExporter:
                 exporter=self.name,
                 detail=outcome.detail,
             )
+            self._settle(batch, root)
             return
         self._splits.inc()
         for half in halves:
@@ -215,7 +231,8 @@ class PRWExporter:
                     series=counts.series,
                     datapoints=counts.datapoints,
                     raw_bytes=len(half),
-                )
+                ),
+                root,
             )
 
     async def _send(self, payload: bytes, encoding: str) -> Outcome:

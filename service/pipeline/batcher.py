@@ -13,13 +13,14 @@ import trio
 
 from service.codec import compression
 from service.config import BatchConfig
+from service.pipeline.budget import ByteBudget
 from service.pipeline.items import Batch, Ingested
 from service.queue.base import Queue
 from service.telemetry.metrics import Metrics
 
 
 class Batcher:
-    """Owns the open batch; `pending_datapoints` is what a hard stop would lose."""
+    """Owns the open batch; `lost_datapoints()` says what a hard stop would lose."""
 
     def __init__(
         self,
@@ -27,16 +28,20 @@ class Batcher:
         queues: list[Queue],
         *,
         metrics: Metrics,
+        budget: ByteBudget | None = None,
         pipeline: str = "prw",
         encoding: str = "snappy",
     ) -> None:
         self.cfg = cfg
         self.queues = queues
         self.encoding = encoding
+        self.budget = budget
         self._parts: list[bytes] = []
         self._series = 0
         self._bytes = 0
         self.pending_datapoints = 0
+        self._flushing: Batch | None = None
+        self._flushed_to = 0
         self._batch_series = metrics.batch_series.labels(pipeline)
         self._batch_bytes = metrics.batch_bytes.labels(pipeline)
 
@@ -84,9 +89,23 @@ class Batcher:
             datapoints=self.pending_datapoints,
             raw_bytes=len(raw),
         )
+        del raw
+        self._parts = []
+        if self.budget is not None:
+            self.budget.release(self._bytes)  # only the compressed batch is held from here on
+        self._series = self._bytes = self.pending_datapoints = 0
         self._batch_series.observe(batch.series)
         self._batch_bytes.observe(batch.raw_bytes)
-        for q in self.queues:
+        self._flushing = batch
+        for i, q in enumerate(self.queues):
+            self._flushed_to = i
             await q.put(batch)
-        self._parts = []
-        self._series = self._bytes = self.pending_datapoints = 0
+        self._flushing = None
+
+    def lost_datapoints(self, queue_index: int) -> int:
+        """Datapoints that queue `queue_index` would never get if the batcher stopped now: the
+        open batch, and the batch being flushed if that queue has not taken it yet."""
+        lost = self.pending_datapoints
+        if self._flushing is not None and queue_index >= self._flushed_to:
+            lost += self._flushing.datapoints
+        return lost

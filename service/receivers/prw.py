@@ -12,6 +12,7 @@ import trio
 from service.codec import compression, prw
 from service.codec.errors import CodecError
 from service.config import ReceiverConfig
+from service.pipeline.budget import ByteBudget
 from service.pipeline.items import Ingested
 from service.receivers.http import (
     Receive,
@@ -40,6 +41,7 @@ class PRWReceiver:
         self,
         cfg: ReceiverConfig,
         tx: trio.MemorySendChannel[Ingested],
+        budget: ByteBudget,
         *,
         metrics: Metrics,
         health: Health,
@@ -47,6 +49,8 @@ class PRWReceiver:
     ) -> None:
         self.cfg = cfg
         self.tx = tx
+        self.budget = budget
+        self._slots = trio.Semaphore(cfg.max_concurrent_requests)
         self.health = health
         self._log = logs.RateLimited(logs.get("receiver.prw"), log_interval_s)
         self._received = metrics.datapoints_received.labels(PIPELINE)
@@ -78,12 +82,14 @@ class PRWReceiver:
             await respond(send, r.status, (str(r) + "\n").encode(), headers=r.headers)
             return
         self._ok.inc()
+        samples, histograms = (written.samples, written.histograms) if written else (0, 0)
         headers = [
-            (b"x-prometheus-remote-write-samples-written", str(written).encode()),
+            (b"x-prometheus-remote-write-samples-written", str(samples).encode()),
+            (b"x-prometheus-remote-write-histograms-written", str(histograms).encode()),
         ]
         await respond(send, 204, headers=headers)
 
-    async def _handle(self, scope: Scope, receive: Receive) -> int:
+    async def _handle(self, scope: Scope, receive: Receive) -> prw.Counts | None:
         if scope["path"] != PATH:
             raise Rejected(404, "not_found", f"no such path {scope['path']!r}; use {PATH}")
         if scope["method"] != "POST":
@@ -97,28 +103,58 @@ class PRWReceiver:
                 f"content-type {ctype!r} is not remote write 1.0 (application/x-protobuf)",
             )
         if self.health.draining:
-            raise Rejected(503, "draining", "shutting down; retry later", self._retry_after)
+            raise self._draining()
+        # One deadline for every wait of this request: a slot, budget bytes, channel room.
+        deadline = trio.current_time() + self.cfg.ingest_wait_s
+        with trio.move_on_at(deadline) as waited:
+            await self._slots.acquire()
+        if waited.cancelled_caught:
+            raise self._backpressure("too many requests in progress")
+        try:
+            return await self._ingest(scope, receive, deadline)
+        finally:
+            self._slots.release()
+
+    async def _ingest(self, scope: Scope, receive: Receive, deadline: float) -> prw.Counts | None:
         body = await read_body(scope, receive, self.cfg.max_request_bytes)
         try:
             data = compression.decompress(
                 body, header(scope, b"content-encoding"), self.cfg.max_decompressed_bytes
             )
-            _, counts = prw.decode(data)
+            counts = prw.count(data)
         except CodecError as e:
             raise rejection(e) from None
-        if counts.series:
-            item = Ingested(data, counts.series, counts.datapoints)
-            with trio.move_on_after(self.cfg.ingest_wait_s):
-                try:
+        if not counts.series:
+            return None
+        item = Ingested(data, counts.series, counts.datapoints)
+        with trio.move_on_at(deadline) as waited:
+            await self.budget.acquire(len(data))
+        if waited.cancelled_caught:
+            raise self._backpressure("ingest buffer is full")
+        handed_over = False
+        try:
+            try:
+                self.tx.send_nowait(item)  # no wait at all when there is room (ingest_wait_s: 0)
+                handed_over = True
+            except trio.WouldBlock:
+                with trio.move_on_at(deadline):
                     await self.tx.send(item)
-                except (trio.ClosedResourceError, trio.BrokenResourceError):
-                    raise Rejected(503, "draining", "shutting down; retry later") from None
-                self._received.inc(counts.datapoints)
-                return counts.samples
-            raise Rejected(
-                429, "backpressure", "ingest queue is full; retry later", self._retry_after
-            )
-        return 0
+                    handed_over = True
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise self._draining() from None
+        finally:
+            if not handed_over:  # the batcher never saw these bytes: give them back
+                self.budget.release(len(data))
+        if not handed_over:
+            raise self._backpressure("ingest queue is full")
+        self._received.inc(counts.datapoints)
+        return counts
+
+    def _backpressure(self, why: str) -> Rejected:
+        return Rejected(429, "backpressure", f"{why}; retry later", self._retry_after)
+
+    def _draining(self) -> Rejected:
+        return Rejected(503, "draining", "shutting down; retry later", self._retry_after)
 
 
 def _client(scope: Scope) -> str:

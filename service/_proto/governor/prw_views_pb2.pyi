@@ -1,0 +1,22 @@
+from service._proto.prometheus import types_pb2 as _types_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class MergedWriteRequest(_message.Message):
+    __slots__ = ("timeseries", "metadata")
+    TIMESERIES_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    timeseries: _types_pb2.TimeSeries
+    metadata: _containers.RepeatedCompositeFieldContainer[_types_pb2.MetricMetadata]
+    def __init__(self, timeseries: _Optional[_Union[_types_pb2.TimeSeries, _Mapping]] = ..., metadata: _Optional[_Iterable[_Union[_types_pb2.MetricMetadata, _Mapping]]] = ...) -> None: ...
+
+class SeriesBytes(_message.Message):
+    __slots__ = ("timeseries",)
+    TIMESERIES_FIELD_NUMBER: _ClassVar[int]
+    timeseries: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, timeseries: _Optional[_Iterable[bytes]] = ...) -> None: ...

@@ -1,0 +1,443 @@
+"""Generates docs/configuration.md from the config classes in service/config.py.
+
+Owns the one-line meaning of every configuration key (`DESCRIPTIONS`); types, defaults, limits and
+the flags come from the code itself. It must never guess: a key without a description, or a
+description for a key that no longer exists, stops the generator with the list of offenders.
+
+    python -m service.config_doc > docs/configuration.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+import typing
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import attrs
+
+from service import config
+from service.__main__ import _FLAGS, build_parser
+
+REGENERATE = ".venv/bin/python -m service.config_doc > docs/configuration.md"
+
+# Keyed by dotted path; a list of sections is written `name[]`, its keys `name[].key`.
+DESCRIPTIONS: dict[str, str] = {
+    # ---- log
+    "log": "Structured logging on stderr (see docs/operations.md, *Logs*).",
+    "log.level": "Lowest level written.",
+    "log.format": "`json`: one JSON object per line. `logfmt`: one `key=value` line per record. "
+    "Both carry the same fields.",
+    "log.rate_limit_interval_s": "A warning about bad client input (a rejected request) is "
+    "written at most once per reason per this many seconds; the next one carries "
+    "`suppressed_since_last` with the number held back. Export warnings use a fixed 10 s "
+    "interval today.",
+    # ---- telemetry
+    "telemetry": "The HTTP server for governor's own `/metrics`, `/live` and `/ready`.",
+    "telemetry.listen": "Address to listen on. `:8888` means all IPv4 interfaces; use "
+    "`127.0.0.1:8888` to keep it local or `[::]:8888` for IPv6. Port 0 picks a free port.",
+    # ---- prw
+    "prw": "The Prometheus Remote Write 1.0 pipeline: receiver, batcher, one queue per exporter, "
+    "exporters.",
+    "prw.receiver": "The remote-write endpoint, `POST /api/v1/write`.",
+    "prw.receiver.listen": "Address to listen on, `host:port`, `[v6]:port` or `:port` (all IPv4 "
+    "interfaces).",
+    "prw.receiver.max_request_bytes": "Largest request body accepted, as sent (compressed). A "
+    "larger body is answered 413 without being read further.",
+    "prw.receiver.max_decompressed_bytes": "Largest body after decompression; past it the "
+    "request is answered 413 (`decompressed_too_large`) and decompression stops there, so a "
+    "zip bomb costs at most this much memory. Must be at least `max_request_bytes`.",
+    "prw.receiver.max_concurrent_requests": "Requests read, decompressed and decoded at the "
+    "same time. A request that finds no free slot within `ingest_wait_s` is answered 429. With "
+    "`max_request_bytes` and `max_decompressed_bytes` this bounds the memory of requests in "
+    "progress (see docs/operations.md, *Memory bounds*).",
+    "prw.receiver.ingest_queue_requests": "Accepted requests that may wait between the receiver "
+    "and the batcher.",
+    "prw.receiver.ingest_max_bytes": "Decompressed bytes of accepted requests that may wait "
+    "between the receiver and the batcher, the open batch included. A request that finds no "
+    "room within `ingest_wait_s` is answered 429. Must be at least `max_decompressed_bytes`.",
+    "prw.receiver.ingest_wait_s": "How long a request may wait in all for a processing slot "
+    "and for room in the ingest queue before it is answered 429 with `Retry-After`. 0 means "
+    "no waiting: a request is accepted only if there is room at once.",
+    "prw.receiver.retry_after_s": "Seconds sent in the `Retry-After` header of 429 "
+    "(backpressure) and 503 (draining) answers.",
+    "prw.receiver.keep_alive_max_requests": "Requests served on one keep-alive connection "
+    "before the server closes it.",
+    "prw.batch": "How accepted requests are joined into batches before they are queued. A batch "
+    "is flushed by whichever limit is reached first.",
+    "prw.batch.max_series": "Flush once the batch holds this many series.",
+    "prw.batch.max_bytes": "Flush once the batch holds this many uncompressed bytes. A request "
+    "that would push the batch past it starts a new batch; one request larger than this "
+    "becomes a batch of its own.",
+    "prw.batch.interval_s": "Flush this many seconds after the first request entered the "
+    "batch, however small it is.",
+    "prw.queue": "The queue in front of each exporter. Every exporter has its own queue with "
+    "these limits; a batch is compressed once and shared by all queues.",
+    "prw.queue.type": "Where batches wait. Only `memory` exists today: what is queued is lost "
+    "on a crash, and counted as dropped (`shutdown`) on a clean stop.",
+    "prw.queue.max_batches": "Most batches the queue holds. The queue is full when this or "
+    "`max_bytes` is reached. Batches being sent by a worker do not count.",
+    "prw.queue.max_bytes": "Most compressed bytes the queue holds. A single batch larger than "
+    "this is still accepted when the queue is empty.",
+    "prw.queue.full_behavior": "What a full queue does with a new batch. `block`: the batcher "
+    "waits, the ingest queue fills, and the receiver answers 429, so clients keep the data. "
+    "`drop_oldest`: evict the oldest batch. `drop_newest`: refuse the new batch. Drops are "
+    'counted as `governor_datapoints_dropped_total{reason="queue_full"}`.',
+    "prw.exporters": "Remote-write backends. Each gets every batch (fan-out), through its own "
+    "queue and workers. At least one is required; `--prw-export-url` replaces the whole list.",
+    "prw.exporters[].url": "Remote-write URL, `http://` or `https://`. Redirects are not "
+    "followed: a 3xx answer drops the batch, so give the final URL.",
+    "prw.exporters[].name": "The `exporter` label of metrics and log lines. Empty means the URL "
+    "without scheme, credentials and query (`host:port/path`). Names must be distinct.",
+    "prw.exporters[].timeout_s": "Timeout for each phase of a request (connect, write, read, "
+    "waiting for a free connection); not a total deadline. A timeout is retried.",
+    "prw.exporters[].workers": "Concurrent requests to this backend, and the size of its "
+    "connection pool.",
+    "prw.exporters[].headers": "Extra HTTP headers for every request. Names are lower-cased "
+    "and replace governor's own header of the same name (such as `content-encoding`). Values "
+    "are printed as they are by `--print-config`: put secrets in `bearer_token_file` or "
+    "`basic_auth.password_file` instead.",
+    "prw.exporters[].bearer_token": "Sent as `Authorization: Bearer <token>`. Prefer "
+    "`bearer_token_file`. Not together with `bearer_token_file` or `basic_auth`.",
+    "prw.exporters[].bearer_token_file": "File whose content (stripped of surrounding "
+    "whitespace) is the bearer token. Read once at start; a missing file stops the start.",
+    "prw.exporters[].basic_auth": "HTTP basic authentication. Not together with a bearer token.",
+    "prw.exporters[].basic_auth.username": "User name.",
+    "prw.exporters[].basic_auth.password": "Password. Prefer `password_file`.",
+    "prw.exporters[].basic_auth.password_file": "File whose content (stripped of surrounding "
+    "whitespace) is the password; when set it wins over `password`. Read once at start.",
+    "prw.exporters[].retry": "Backoff between attempts at a batch that failed in a retryable "
+    "way (HTTP 429, 5xx, network error or timeout).",
+    "prw.exporters[].retry.initial_delay_s": "Delay before the first retry. Must not exceed "
+    "`max_delay_s`.",
+    "prw.exporters[].retry.max_delay_s": "Largest backoff delay before jitter.",
+    "prw.exporters[].retry.multiplier": "Each retry waits this many times longer than the one "
+    "before, up to `max_delay_s`.",
+    "prw.exporters[].retry.jitter": "Random spread of each delay: 0.2 means +-20 %.",
+    "prw.exporters[].retry.max_retry_after_s": "A backend's `Retry-After` is honoured (the "
+    "delay is never shorter) up to this many seconds.",
+    "prw.exporters[].retry.max_elapsed_s": "Give up on a batch after retrying it this long and "
+    "count it as dropped (`retries_exhausted`). 0 retries until it succeeds, while the queue "
+    "holds what comes next.",
+    "prw.exporters[].breaker": "Circuit breaker: stops sending to a backend that keeps failing, "
+    "then probes it with one request at a time.",
+    "prw.exporters[].breaker.failure_threshold": "Consecutive retryable failures (429, 5xx, "
+    "network errors) that open the breaker.",
+    "prw.exporters[].breaker.open_s": "How long the breaker stays open before one probe "
+    "request is let through. Must not exceed `max_open_s`.",
+    "prw.exporters[].breaker.max_open_s": "Each failed probe doubles the open time, up to this.",
+    # ---- top level
+    "shutdown_grace_s": "Phase one of shutdown (draining) lasts at most this long after SIGTERM "
+    "or SIGINT; then phase two cancels what is left and counts it as dropped (`shutdown`). "
+    "Keep the service manager's stop timeout longer than this.",
+}
+
+_TOP = "(top level)"
+
+
+class DocError(Exception):
+    """The descriptions do not match the config classes; `problems` lists every mismatch."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("configuration docs are out of date:\n  " + "\n  ".join(problems))
+        self.problems = problems
+
+
+@attrs.frozen
+class Key:
+    """One configuration key as the reference shows it."""
+
+    path: str
+    section: str  # dotted path of the section that holds it; "" for the top level
+    type: str
+    default: str
+    is_section: bool  # a nested mapping, or a list of them, documented under its own heading
+
+
+# ---- walking the config classes -----------------------------------------------------------
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+_CONSTRAINTS = {
+    config._positive: "> 0",
+    config._non_negative: ">= 0",
+    config._fraction: "0 to 1",
+}
+_FORMATS = {config._listen: "host:port", config._http_url: "URL"}
+
+
+def _type_name(field: attrs.Attribute, tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(f"`{a}`" for a in typing.get_args(tp))
+    if typing.get_origin(tp) is dict:
+        return "mapping of string to string"
+    if tp is int and field.name.endswith("_bytes"):
+        name = "size"
+    else:
+        name = {str: "string", int: "integer", float: "number", bool: "boolean"}[tp]
+    name = _FORMATS.get(field.validator, name)
+    if field.validator in _CONSTRAINTS:
+        name += ", " + _CONSTRAINTS[field.validator]
+    return name
+
+
+def format_size(n: int) -> str:
+    """The shortest exact way to write `n` bytes in the size syntax (binary units first)."""
+    for unit, mult in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n % mult == 0:
+            return f"{n // mult}{unit}"
+    return str(n)
+
+
+def _default(field: attrs.Attribute) -> str:
+    d = field.default
+    if d is attrs.NOTHING:
+        return "required"
+    if isinstance(d, attrs.Factory):  # type: ignore[arg-type]
+        d = d.factory()
+        if attrs.has(type(d)):
+            return "(section)"
+    if d is None:
+        return "not set"
+    if isinstance(d, bool):
+        return f"`{str(d).lower()}`"
+    if isinstance(d, int) and field.name.endswith("_bytes"):
+        return f"`{format_size(d)}`"
+    if isinstance(d, float):
+        return f"`{d:g}`"
+    if isinstance(d, str):
+        return f'`"{d}"`' if d == "" or d.startswith(":") else f"`{d}`"
+    if isinstance(d, list | dict):
+        return f"`{d!r}`"
+    return f"`{d}`"
+
+
+def walk(cls: type = config.Config, prefix: str = "") -> Iterator[Key]:
+    """Every key under `cls`, depth first in declaration order, sections before their keys."""
+    attrs.resolve_types(cls)
+    for field in attrs.fields(cls):
+        path = f"{prefix}.{field.name}" if prefix else field.name
+        tp, optional = _unwrap_optional(field.type)
+        if attrs.has(tp):
+            kind = "section" + (", optional" if optional else "")
+            yield Key(path, prefix, kind, _default(field), True)
+            yield from walk(tp, path)
+        elif typing.get_origin(tp) is list and attrs.has(typing.get_args(tp)[0]):
+            yield Key(path, prefix, "list of sections", _default(field), True)
+            yield from walk(typing.get_args(tp)[0], path + "[]")
+        else:
+            yield Key(path, prefix, _type_name(field, tp), _default(field), False)
+
+
+def check_descriptions(descriptions: dict[str, str] = DESCRIPTIONS) -> list[str]:
+    """Every mismatch between `descriptions` and the config keys, as 'path: problem'."""
+    paths = [k.path for k in walk()]
+    problems = [
+        f"{p}: no description in service/config_doc.py"
+        for p in paths
+        if not descriptions.get(p, "").strip()
+    ]
+    problems += [
+        f"{p}: described in service/config_doc.py but not a config key"
+        for p in descriptions
+        if p not in paths
+    ]
+    return problems
+
+
+# ---- the page ------------------------------------------------------------------------------
+
+_INTRO = """\
+# Configuration reference
+
+<!-- Generated by service/config_doc.py from service/config.py. Do not edit by hand. -->
+
+This page is generated from the configuration classes in `service/config.py`; edit those (and the
+descriptions in `service/config_doc.py`), then regenerate it:
+
+```sh
+{regenerate}
+```
+
+`tests/test_docs.py` fails when this file differs from what the generator produces.
+
+## How the configuration is read
+
+- `governor --config FILE` reads a YAML file (safe loader). Every key is optional except
+  `prw.exporters[].url`, and at least one exporter is required.
+- Flags override the file (see below). Without `--config` the defaults apply, and the flags alone
+  can make a working configuration: `governor --prw-export-url http://127.0.0.1:8428/api/v1/write`.
+- Loading checks everything at once and reports every problem with the key's path, for example
+  `prw.exporters[0].timeout_s: must be > 0` or `prw.receiver.listne: unknown key`; unknown keys are
+  errors. governor then exits with status 2 and never starts with half a configuration.
+- `governor --config FILE --check-config` validates and exits (0 valid, 2 invalid);
+  `--print-config` prints the effective configuration as YAML, with passwords, bearer tokens and
+  credentials in URLs replaced by `<redacted>`.
+- Files named in the configuration (`bearer_token_file`, `basic_auth.password_file`) are read when
+  governor starts, not by `--check-config`.
+- Checks across keys: at least one exporter; `bearer_token` and `bearer_token_file` not both; a
+  bearer token and `basic_auth` not both; `retry.initial_delay_s` at most `retry.max_delay_s`;
+  `breaker.open_s` at most `breaker.max_open_s`; exporter names (given or derived from the URL)
+  distinct; `prw.receiver.max_decompressed_bytes` at least `prw.receiver.max_request_bytes`.
+"""
+
+_EXAMPLE = """\
+# /etc/governor/governor.yaml
+log:
+  level: info
+  format: json              # or logfmt
+telemetry:
+  listen: "127.0.0.1:8888"  # /metrics, /live, /ready; scrape this
+prw:
+  receiver:
+    listen: ":9091"         # all IPv4 interfaces; POST /api/v1/write
+    max_request_bytes: 16MiB
+    max_decompressed_bytes: 64MiB
+    ingest_queue_requests: 64
+    ingest_wait_s: 0.5      # then 429 with Retry-After: 1
+  batch:
+    max_series: 10000
+    max_bytes: 4MiB         # uncompressed
+    interval_s: 1.0
+  queue:
+    type: memory
+    max_bytes: 256MiB       # per exporter, compressed
+    full_behavior: drop_oldest  # one slow backend must not hold back the other
+  exporters:                # every batch goes to each of them
+    - url: "http://victoria-metrics:8428/api/v1/write"
+      name: vm
+      workers: 2
+    - url: "https://mimir.example.com/api/v1/push"
+      name: mimir
+      timeout_s: 30
+      headers:
+        X-Scope-OrgID: team-a
+      basic_auth:
+        username: team-a
+        password_file: /etc/governor/mimir-password
+      retry:
+        max_delay_s: 30
+        max_elapsed_s: 3600   # give up on a batch after an hour (0: never)
+      breaker:
+        failure_threshold: 5
+        open_s: 5
+shutdown_grace_s: 30        # keep systemd's TimeoutStopSec and docker's stop timeout longer
+"""
+
+
+def _flag_rows(parser: argparse.ArgumentParser, keys: list[Key]) -> list[str]:
+    types_by_path = {k.path: k.type for k in keys}
+    rows = ["| flag | value | effect |", "| --- | --- | --- |"]
+    for action in parser._actions:
+        flag = ", ".join(f"`{o}`" for o in action.option_strings)
+        value = "" if action.nargs == 0 else (action.metavar or action.dest.upper())
+        effect = (action.help or "").replace("|", "\\|")
+        sets = _FLAGS.get(action.option_strings[-1])
+        if sets is not None:
+            value = types_by_path[sets[0]]
+            effect += f"; sets `{sets[0]}`"
+        if isinstance(action, argparse._AppendAction):
+            value += " (repeatable)"
+        rows.append(f"| {flag} | {value} | {effect} |")
+    return rows
+
+
+def _size_section(keys: list[Key]) -> list[str]:
+    units = sorted(
+        ((u, m) for u, m in config._SIZE_UNITS.items() if u is not None), key=lambda um: um[1]
+    )
+    unit_list = ", ".join(f"`{u}` = {m:,}" for u, m in units)
+    size_keys = ", ".join(f"`{k.path}`" for k in keys if k.type.startswith("size"))
+    return [
+        "## Sizes",
+        "",
+        "Keys whose names end in `_bytes` (and `--queue-max-bytes`) take a size: a whole number "
+        "of bytes (`1048576`), or a whole number and a unit, with or without a space between "
+        f"(`64MiB`, `1 GB`). Units, case-sensitive: {unit_list} bytes. Fractions are not "
+        "accepted: write `1536MiB`, not `1.5GiB`.",
+        "",
+        f"Size keys: {size_keys}.",
+    ]
+
+
+def _reference(keys: list[Key]) -> list[str]:
+    out = ["## Reference", ""]
+    sections = [""] + [k.path + ("[]" if k.type == "list of sections" else "") for k in keys]
+    sections = [s for s in sections if s == "" or any(k.section == s for k in keys)]
+    for section in sections:
+        title = f"`{section}`" if section else _TOP
+        out += [f"### {title}", ""]
+        if section:
+            out += [DESCRIPTIONS[section.removesuffix("[]")], ""]
+        out += ["| key | type | default | description |", "| --- | --- | --- | --- |"]
+        for k in keys:
+            if k.section != section:
+                continue
+            desc = DESCRIPTIONS[k.path]
+            if k.is_section:
+                desc = f"See `{k.path}{'[]' if k.type == 'list of sections' else ''}` below."
+            desc = desc.replace("|", "\\|")
+            out.append(f"| `{k.path}` | {k.type} | {k.default} | {desc} |")
+        out.append("")
+    return out
+
+
+def generate() -> str:
+    """The whole docs/configuration.md; raises DocError if the descriptions do not match."""
+    problems = check_descriptions()
+    try:
+        config.config_from_dict(config.load_yaml(_EXAMPLE))
+    except config.ConfigError as e:
+        # The example names secret files that exist on the reader's machine, not on this one.
+        problems += [f"annotated example: {p}" for p in e.problems if ": cannot read " not in p]
+    if problems:
+        raise DocError(problems)
+    keys = list(walk())
+    lines = [_INTRO.format(regenerate=REGENERATE)]
+    lines += ["## Command-line flags", ""]
+    lines += [
+        "Flags override the YAML file; `--prw-export-url` replaces `prw.exporters` as a whole "
+        "(each URL with default settings). Exit status: 0 when all is well, 2 for a bad "
+        "configuration or bad flags.",
+        "",
+    ]
+    lines += _flag_rows(build_parser(), keys)
+    lines.append("")
+    lines += _size_section(keys)
+    lines.append("")
+    lines += [
+        "## Annotated example",
+        "",
+        "Two backends with fan-out, each isolated from the other's slowness. "
+        "`deploy/governor.yaml` is the smaller file `make run` uses.",
+        "",
+        "```yaml",
+        _EXAMPLE.rstrip("\n"),
+        "```",
+        "",
+    ]
+    lines += _reference(keys)
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def main() -> int:
+    try:
+        text = generate()
+    except DocError as e:
+        print(f"config_doc: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
