@@ -374,5 +374,5 @@ def redact(data: Any, secret_keys: tuple[str, ...] = ("password", "bearer_token"
     if isinstance(data, list):
         return [redact(v, secret_keys) for v in data]
     if isinstance(data, str):
-        return re.sub(r"://[^/@\s]+@", "://<redacted>@", data)
+        return re.sub(r"://[^/\s]*@", "://<redacted>@", data)
     return data

@@ -80,7 +80,10 @@ class RetryPolicy:
         max_retry_after_s). `rand` in [0, 1) replaces the random draw in tests.
         """
         c = self.cfg
-        base = min(c.max_delay_s, c.initial_delay_s * c.multiplier ** min(attempt, 64))
+        try:
+            base = min(c.max_delay_s, c.initial_delay_s * c.multiplier ** min(attempt, 64))
+        except OverflowError:  # an absurd multiplier: the cap is the answer anyway
+            base = c.max_delay_s
         r = random.random() if rand is None else rand
         delay = base * (1 + c.jitter * (2 * r - 1))
         if retry_after_s is not None:

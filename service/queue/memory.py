@@ -50,6 +50,7 @@ class MemoryQueue:
                     raise trio.ClosedResourceError("queue is closed")
             elif behavior == "drop_newest":
                 self._drop(batch)
+                await trio.lowlevel.checkpoint()
                 return
             else:
                 self._drop(self._pop())
