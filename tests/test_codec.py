@@ -466,3 +466,33 @@ def test_any_two_requests_concatenate(
     assert counts == prw.Counts(
         ca.series + cb.series, ca.samples + cb.samples, ca.histograms + cb.histograms
     )
+
+
+@settings(max_examples=100)
+@given(a=_requests, b=_requests)
+def test_count_agrees_with_decode(a: remote_pb2.WriteRequest, b: remote_pb2.WriteRequest) -> None:
+    """prw.count, the receiver's C-level validate-and-count, gives exactly decode's counts for any
+    request and for any concatenation of two."""
+    for raw in (a.SerializeToString(), a.SerializeToString() + b.SerializeToString()):
+        assert prw.count(raw) == prw.decode(raw)[1]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\xff\xff\xff\xff",
+        b"hello world",
+        b"\x0a\x05ab",
+        b"\x0a\x08\x0a\x06\x0a\x02\xff\xfe\x12\x00",
+        # metadata (field 3) whose family name is not UTF-8
+        b"\x1a\x04\x12\x02\xff\xfe",
+    ],
+    ids=["bad-tag", "text", "overrun", "bad-utf8-label", "bad-utf8-metadata"],
+)
+def test_count_rejects_what_decode_rejects(data: bytes) -> None:
+    """prw.count validates as fully as decode: every body decode refuses, count refuses too."""
+    with pytest.raises(BadProtobuf):
+        prw.decode(data)
+    with pytest.raises(BadProtobuf) as info:
+        prw.count(data)
+    assert str(info.value) == "body is not a valid protobuf WriteRequest"

@@ -288,3 +288,9 @@ def test_a_late_success_while_open_closes() -> None:
     b.record(True, 101.0)
     assert (b.state, b.failures) == (BreakerState.CLOSED, 0)
     assert b.acquire(101.0) == 0.0
+
+
+def test_an_absurd_multiplier_is_capped_not_an_error() -> None:
+    """A multiplier so large that the exponent overflows a float still gives max_delay_s."""
+    p = RetryPolicy(RetryConfig(jitter=0, multiplier=1e300, max_delay_s=30.0))
+    assert [p.next_delay(a) for a in (0, 1, 2, 70)] == [0.5, 30.0, 30.0, 30.0]
