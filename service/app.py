@@ -94,16 +94,11 @@ class App:
         pcfg = cfg.prw
         queues = []
         for exp_cfg in pcfg.exporters:
-            holder: list[PRWExporter] = []
-
-            def on_drop(batch, holder=holder) -> None:
-                holder[0].drop(batch.datapoints, "queue_full")
-
-            q = MemoryQueue(pcfg.queue, on_drop)
+            q = MemoryQueue(pcfg.queue)
             exporter = PRWExporter(
                 exp_cfg, q, metrics=self.metrics, log_interval_s=cfg.log.rate_limit_interval_s
             )
-            holder.append(exporter)
+            q.on_drop = exporter.count_queue_drop
             queues.append(q)
             self.exporters.append(exporter)
         budget = ByteBudget(pcfg.receiver.ingest_max_bytes)

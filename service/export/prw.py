@@ -150,6 +150,10 @@ class PRWExporter:
             # the shutdown report counts it as dropped, and a durable queue would redeliver it.
             self.queue.ack(batch)
 
+    def count_queue_drop(self, batch: Batch) -> None:
+        """The queue discarded `batch` because it was full (drop_oldest / drop_newest)."""
+        self.drop(batch.datapoints, "queue_full")
+
     def settled_in_flight(self) -> int:
         """Datapoints of in-flight batches already delivered or dropped (halves of a split)."""
         return sum(self._settled.values())

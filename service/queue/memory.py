@@ -19,9 +19,9 @@ from service.queue.base import QueueStats
 class MemoryQueue:
     """See the module docstring; `on_drop(batch)` is called for every batch the queue discards."""
 
-    def __init__(self, cfg: QueueConfig, on_drop: Callable[[Batch], None]) -> None:
+    def __init__(self, cfg: QueueConfig, on_drop: Callable[[Batch], None] | None = None) -> None:
         self.cfg = cfg
-        self._on_drop = on_drop
+        self.on_drop = on_drop
         self._items: deque[Batch] = deque()
         self._bytes = 0
         self._datapoints = 0
@@ -70,7 +70,8 @@ class MemoryQueue:
     def _drop(self, batch: Batch) -> None:
         self._dropped_batches += 1
         self._dropped_datapoints += batch.datapoints
-        self._on_drop(batch)
+        if self.on_drop is not None:
+            self.on_drop(batch)
 
     async def get(self) -> Batch | None:
         while not self._items:
