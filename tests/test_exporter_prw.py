@@ -756,3 +756,25 @@ async def test_shutdown_counts_undelivered_data_as_dropped_after_grace() -> None
         {"pipeline": "prw", "exporter": "backend", "reason": "shutdown"},
     )
     assert dropped_metric == 30.0
+
+
+# ---- a full queue -----------------------------------------------------------------------------
+
+
+async def test_queue_evictions_are_counted_as_queue_full(autojump_clock: MockClock) -> None:
+    """With drop_oldest and room for two batches, a third put evicts the oldest: the exporter
+    counts its datapoints as dropped with reason queue_full and delivers the two that stayed."""
+    metrics = Metrics()
+    backend = FakeBackend(replies())
+    queue = MemoryQueue(QueueConfig(max_batches=2, full_behavior="drop_oldest"))
+    exporter = PRWExporter(exporter_config(), queue, metrics=metrics, transport=backend)
+    queue.on_drop = exporter.count_queue_drop
+    (a, _), (b, b_series), (c, c_series) = (make_batch(t, n_series=3) for t in "abc")
+    for batch in (a, b, c):
+        await queue.put(batch)
+    queue.close()
+    await exporter.run()
+    assert dropped(metrics, "queue_full") == 6.0
+    assert exporter.dropped_datapoints == {"queue_full": 6}
+    assert backend.delivered == b_series + c_series
+    assert exporter.sent_datapoints == 12
