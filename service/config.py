@@ -91,8 +91,8 @@ class ReceiverConfig:
     # Requests read, decompressed and decoded at the same time; more wait (up to ingest_wait_s)
     # and then get 429. With the two limits above this bounds the memory of requests in progress.
     max_concurrent_requests: int = attrs.field(default=16, validator=_positive)
-    # Accepted requests waiting for the next stage, by count and by decompressed bytes (the open
-    # batch counts too); a request that finds no room within ingest_wait_s gets 429.
+    # Accepted requests waiting for the next stage, by count and by the bytes held (snappy
+    # blocks; the open batch counts too); a request that finds no room in time gets 429.
     ingest_queue_requests: int = attrs.field(default=64, validator=_positive)
     ingest_max_bytes: int = attrs.field(default=128 * MiB, validator=_positive)
     # How long a request may wait for room in the ingest channel before it is answered 429.

@@ -55,9 +55,11 @@ DESCRIPTIONS: dict[str, str] = {
     "progress (see docs/operations.md, *Memory bounds*).",
     "prw.receiver.ingest_queue_requests": "Accepted requests that may wait between the receiver "
     "and the batcher.",
-    "prw.receiver.ingest_max_bytes": "Decompressed bytes of accepted requests that may wait "
-    "between the receiver and the batcher, the open batch included. A request that finds no "
-    "room within `ingest_wait_s` is answered 429. Must be at least `max_decompressed_bytes`.",
+    "prw.receiver.ingest_max_bytes": "Bytes of accepted requests that may wait between the "
+    "receiver and the batcher, the open batch included, counted as they are held: snappy "
+    "compressed (a request sent with another encoding is converted to snappy once). A request "
+    "that finds no room within `ingest_wait_s` is answered 429. Must be at least "
+    "`max_decompressed_bytes`.",
     "prw.receiver.ingest_wait_s": "How long a request may wait in all for a processing slot "
     "and for room in the ingest queue before it is answered 429 with `Retry-After`. 0 means "
     "no waiting: a request is accepted only if there is room at once.",

@@ -30,7 +30,18 @@ def item(*names: str, samples: int = 1) -> Ingested:
             for n in names
         ]
     )
-    return Ingested(req.SerializeToString(), series=len(names), datapoints=len(names) * samples)
+    raw = req.SerializeToString()
+    return Ingested(
+        compression.compress(raw, "snappy"),
+        raw_bytes=len(raw),
+        series=len(names),
+        datapoints=len(names) * samples,
+    )
+
+
+def raw_of(it: Ingested) -> bytes:
+    """The serialized WriteRequest an item carries."""
+    return compression.decompress(it.block, "snappy", it.raw_bytes)
 
 
 def names_in(batch: Batch) -> list[str]:
@@ -137,8 +148,8 @@ async def test_flush_before_an_item_that_would_exceed_max_bytes(
     """An item that would push the open batch past max_bytes flushes the batch first, then
     starts the next batch (and its interval) with that item."""
     a, b, c = item("a"), item("b"), item("c")
-    size = len(a.data)
-    assert len(b.data) == len(c.data) == size
+    size = a.raw_bytes
+    assert b.raw_bytes == c.raw_bytes == size
     h = Harness(BatchConfig(max_bytes=2 * size + 1, interval_s=1.0))
     async with trio.open_nursery() as nursery:
         h.start(nursery)
@@ -158,7 +169,7 @@ async def test_flush_before_an_item_that_would_exceed_max_bytes(
 async def test_reaching_max_bytes_exactly_flushes(autojump_clock: trio.testing.MockClock) -> None:
     """A batch that reaches max_bytes exactly is flushed at once."""
     a, b = item("a"), item("b")
-    h = Harness(BatchConfig(max_bytes=len(a.data) + len(b.data), interval_s=1.0))
+    h = Harness(BatchConfig(max_bytes=a.raw_bytes + b.raw_bytes, interval_s=1.0))
     async with trio.open_nursery() as nursery:
         h.start(nursery)
         async with h.tx:
@@ -174,7 +185,7 @@ async def test_an_item_larger_than_max_bytes_goes_alone(
 ) -> None:
     """An item bigger than max_bytes flushes the open batch, then is flushed alone at once."""
     small, big = item("small"), item(*(f"s{i}" for i in range(20)))
-    h = Harness(BatchConfig(max_bytes=len(small.data) + 1, interval_s=1.0))
+    h = Harness(BatchConfig(max_bytes=small.raw_bytes + 1, interval_s=1.0))
     async with trio.open_nursery() as nursery:
         h.start(nursery)
         async with h.tx:
@@ -198,7 +209,7 @@ async def test_batch_payload_and_counts(autojump_clock: trio.testing.MockClock) 
             for it in items:
                 await h.tx.send(it)
     ((t, b),) = h.got[0]
-    raw = b"".join(it.data for it in items)
+    raw = b"".join(raw_of(it) for it in items)
     assert t == 0.0
     assert b.encoding == "snappy"
     assert compression.decompress(b.payload, "snappy", len(raw)) == raw
@@ -206,17 +217,23 @@ async def test_batch_payload_and_counts(autojump_clock: trio.testing.MockClock) 
     assert names_in(b) == ["a", "b", "c", "d", "e", "f"]
 
 
-async def test_other_encoding(autojump_clock: trio.testing.MockClock) -> None:
-    """The batch encoding is configurable; the payload is compressed with it."""
-    it = item("a")
-    h = Harness(BatchConfig(), encoding="zstd")
+async def test_blocks_are_joined_without_recompression(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The payload is one snappy block: the new total length, then each item's element stream
+    end to end, byte for byte as the items carried them."""
+    items = [item("a", "b"), item("c"), item("d", samples=3)]
+    h = Harness(BatchConfig())
     async with trio.open_nursery() as nursery:
         h.start(nursery)
         async with h.tx:
-            await h.tx.send(it)
+            for it in items:
+                await h.tx.send(it)
     ((_, b),) = h.got[0]
-    assert b.encoding == "zstd"
-    assert compression.decompress(b.payload, "zstd", len(it.data)) == it.data
+    streams = b"".join(bytes(compression.snappy_body(it.block)) for it in items)
+    assert b.payload.endswith(streams)
+    assert b.payload[: len(b.payload) - len(streams)] == bytes([b.raw_bytes])  # a 1-byte varint
+    assert names_in(b) == ["a", "b", "c", "d"]
 
 
 async def test_fan_out_puts_the_same_batch_in_every_queue(
@@ -359,10 +376,10 @@ async def test_flush_releases_the_ingest_budget(autojump_clock: trio.testing.Moc
         nursery.start_soon(batcher.run, rx)
         async with tx:
             for it in (a, b):
-                await budget.acquire(len(it.data))  # what a receiver does before sending
+                await budget.acquire(len(it.block))  # what a receiver does before sending
                 await tx.send(it)
             await trio.sleep(0.5)
-            assert budget.used == len(a.data) + len(b.data)
+            assert budget.used == len(a.block) + len(b.block)
             await trio.sleep(0.5)
             await trio.testing.wait_all_tasks_blocked()
             assert budget.used == 0
@@ -382,8 +399,8 @@ async def test_batch_metrics(autojump_clock: trio.testing.MockClock) -> None:
             await trio.sleep(2.0)
             for it in second:
                 await h.tx.send(it)
-    raw1 = sum(len(it.data) for it in first)
-    raw2 = sum(len(it.data) for it in second)
+    raw1 = sum(it.raw_bytes for it in first)
+    raw2 = sum(it.raw_bytes for it in second)
     assert raw1 <= 64 < raw2 <= 256  # so the bucket counts below are as written
     assert h.sample("governor_batch_series_count") == 2.0
     assert h.sample("governor_batch_series_sum") == 8.0

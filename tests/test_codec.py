@@ -496,3 +496,26 @@ def test_count_rejects_what_decode_rejects(data: bytes) -> None:
     with pytest.raises(BadProtobuf) as info:
         prw.count(data)
     assert str(info.value) == "body is not a valid protobuf WriteRequest"
+
+
+@settings(max_examples=200)
+@given(
+    parts=st.lists(
+        st.one_of(st.binary(max_size=300), st.binary(max_size=4).map(lambda b: b * 5000)),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_snappy_blocks_join_without_recompression(parts: list[bytes]) -> None:
+    """Snappy raw blocks of any data, joined by snappy_concat, decompress (with a standard
+    decoder) to the concatenation of their data; the length preamble takes 1 to 3 bytes here."""
+    blocks = [compression.compress(p, "snappy") for p in parts]
+    joined = compression.snappy_concat(blocks, sum(map(len, parts)))
+    assert compression.decompress(joined, "snappy", 1 << 30) == b"".join(parts)
+    assert bytes(cramjam.snappy.decompress_raw(joined)) == b"".join(parts)
+
+
+def test_snappy_concat_of_one_block_is_that_block() -> None:
+    """A single block is passed through unchanged (same object, no copy)."""
+    block = compression.compress(b"abc" * 100, "snappy")
+    assert compression.snappy_concat([block], 300) is block

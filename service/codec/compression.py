@@ -102,3 +102,33 @@ def compress(data: bytes, encoding: str) -> bytes:
     if encoding in ("", "identity"):
         return data
     raise UnsupportedEncoding(f"content-encoding {encoding!r} is not supported")
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def snappy_body(block: bytes) -> memoryview:
+    """A snappy raw block without its length preamble: the element stream."""
+    i = 0
+    while block[i] & 0x80:
+        i += 1
+    return memoryview(block)[i + 1 :]
+
+
+def snappy_concat(blocks: list[bytes], total_len: int) -> bytes:
+    """Join snappy raw blocks into one block that decompresses to their concatenation.
+
+    A snappy block is its uncompressed length (varint) followed by literals and back-references
+    relative to the current output position, so the element streams of several blocks can be
+    laid end to end under one new length: no data is decompressed or compressed again.
+    `total_len` must be the sum of the blocks' uncompressed lengths.
+    """
+    if len(blocks) == 1:
+        return blocks[0]
+    return b"".join([_varint(total_len), *map(snappy_body, blocks)])

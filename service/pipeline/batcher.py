@@ -1,8 +1,9 @@
 """The batcher: joins ingested requests into batches and hands each batch to every queue.
 
-A PRW batch is the concatenation of serialized WriteRequests (protobuf merges them), compressed
-once and shared by all queues. It flushes on max series, max bytes or the interval after the first
-item, and it closes the queues when its input ends, so shutdown flows on downstream.
+A PRW batch is the concatenation of serialized WriteRequests (protobuf merges them), built by
+joining the requests' snappy blocks without recompressing, and shared by all queues. It flushes on
+max series, max bytes or the interval after the first item, and it closes the queues when its
+input ends, so shutdown flows on downstream.
 """
 
 from __future__ import annotations
@@ -30,15 +31,14 @@ class Batcher:
         metrics: Metrics,
         budget: ByteBudget | None = None,
         pipeline: str = "prw",
-        encoding: str = "snappy",
     ) -> None:
         self.cfg = cfg
         self.queues = queues
-        self.encoding = encoding
         self.budget = budget
-        self._parts: list[bytes] = []
+        self._parts: list[bytes] = []  # snappy blocks
         self._series = 0
-        self._bytes = 0
+        self._bytes = 0  # uncompressed, for max_bytes
+        self._held = 0  # compressed, as taken from the budget
         self.pending_datapoints = 0
         self._flushing: Batch | None = None
         self._flushed_to = 0
@@ -61,13 +61,14 @@ class Batcher:
                         await self.flush()
                         deadline = math.inf
                         continue
-                    if self._bytes and self._bytes + len(item.data) > self.cfg.max_bytes:
+                    if self._bytes and self._bytes + item.raw_bytes > self.cfg.max_bytes:
                         await self.flush()
                     if not self._parts:
                         deadline = trio.current_time() + self.cfg.interval_s
-                    self._parts.append(item.data)
+                    self._parts.append(item.block)
                     self._series += item.series
-                    self._bytes += len(item.data)
+                    self._bytes += item.raw_bytes
+                    self._held += len(item.block)
                     self.pending_datapoints += item.datapoints
                     if self._series >= self.cfg.max_series or self._bytes >= self.cfg.max_bytes:
                         await self.flush()
@@ -81,19 +82,17 @@ class Batcher:
         """Hand the open batch to every queue (blocking if a queue blocks when full)."""
         if not self._parts:
             return
-        raw = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
         batch = Batch(
-            payload=compression.compress(raw, self.encoding),
-            encoding=self.encoding,
+            payload=compression.snappy_concat(self._parts, self._bytes),
+            encoding="snappy",
             series=self._series,
             datapoints=self.pending_datapoints,
-            raw_bytes=len(raw),
+            raw_bytes=self._bytes,
         )
-        del raw
         self._parts = []
         if self.budget is not None:
-            self.budget.release(self._bytes)  # only the compressed batch is held from here on
-        self._series = self._bytes = self.pending_datapoints = 0
+            self.budget.release(self._held)  # the parts are garbage now; the batch is the queue's
+        self._series = self._bytes = self._held = self.pending_datapoints = 0
         self._batch_series.observe(batch.series)
         self._batch_bytes.observe(batch.raw_bytes)
         self._flushing = batch

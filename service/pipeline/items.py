@@ -8,9 +8,14 @@ import attrs
 
 @attrs.frozen(slots=True)
 class Ingested:
-    """One accepted request: its uncompressed serialized payload and what it holds."""
+    """One accepted request: its serialized WriteRequest as a snappy raw block, and what it holds.
 
-    data: bytes
+    Snappy blocks join without recompression (compression.snappy_concat), so a request that
+    arrived snappy-compressed is never compressed again on its way to the backend.
+    """
+
+    block: bytes
+    raw_bytes: int  # uncompressed size
     series: int
     datapoints: int
 

@@ -117,18 +117,24 @@ class PRWReceiver:
 
     async def _ingest(self, scope: Scope, receive: Receive, deadline: float) -> prw.Counts | None:
         body = await read_body(scope, receive, self.cfg.max_request_bytes)
+        encoding = header(scope, b"content-encoding")
         try:
-            data = compression.decompress(
-                body, header(scope, b"content-encoding"), self.cfg.max_decompressed_bytes
-            )
+            data = compression.decompress(body, encoding, self.cfg.max_decompressed_bytes)
             counts = prw.count(data)
         except CodecError as e:
             raise rejection(e) from None
         if not counts.series:
             return None
-        item = Ingested(data, counts.series, counts.datapoints)
+        # Keep the snappy block the client sent (the batcher joins blocks without recompressing);
+        # other encodings are converted once, here.
+        block = (
+            body if encoding.strip().lower() == "snappy" else compression.compress(data, "snappy")
+        )
+        item = Ingested(block, len(data), counts.series, counts.datapoints)
+        del body, data
+        size = len(block)
         with trio.move_on_at(deadline) as waited:
-            await self.budget.acquire(len(data))
+            await self.budget.acquire(size)
         if waited.cancelled_caught:
             raise self._backpressure("ingest buffer is full")
         handed_over = False
@@ -144,7 +150,7 @@ class PRWReceiver:
             raise self._draining() from None
         finally:
             if not handed_over:  # the batcher never saw these bytes: give them back
-                self.budget.release(len(data))
+                self.budget.release(size)
         if not handed_over:
             raise self._backpressure("ingest queue is full")
         self._received.inc(counts.datapoints)
