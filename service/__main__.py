@@ -94,10 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print("configuration is valid", file=sys.stderr)
         return 0
+    from service import allocator
     from service.app import App
     from service.telemetry import logs
 
     logs.setup(cfg.log.level, cfg.log.format)
+    if not allocator.tune():
+        logs.get("app").info("malloc is not glibc's: allocator left as it is")
     trio.run(App(cfg).run)
     return 0
 

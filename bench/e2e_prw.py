@@ -1,0 +1,793 @@
+"""End-to-end remote-write benchmark: governor against vmagent, same load, same machine.
+
+    .venv/bin/python bench/e2e_prw.py [--runs 3] [--rate 180000] [--duration 30] [--profile]
+
+Each measurement starts a fresh victoria-metrics (temp data dir, free port) and the proxy under
+test in front of it: governor (`python -m service`, temporary YAML config) or vmagent. Then
+bench/loadgen.py, a separate process, offers `--rate` samples/s to the proxy's /api/v1/write for
+`--duration` seconds. While it runs, the proxy's CPU time (user+system) and RSS are sampled every
+0.5 s with psutil. After the load the harness waits, bounded, until the proxy has drained (governor:
+governor_datapoints_sent_total equals governor_datapoints_received_total; vmagent: victoria-metrics
+has stored every sample vmagent accepted). CPU is counted from the first request until drained.
+
+Figures: offered / delivered samples/s, proxy CPU-seconds per million samples, samples per proxy
+CPU-second, peak RSS (the kernel's high-water mark, VmHWM), status codes. With --runs N every
+figure is reported per run and as the median. Output goes to stdout and, as JSON, to bench/out/.
+This prints figures; it asserts nothing about them.
+
+--profile attaches `py-spy record --pid` to governor for the load window and summarises where
+its CPU went, by pipeline stage and by function (bench/out/<--profile-name>.txt, raw collapsed
+stacks that speedscope.app opens; --profile-format speedscope or flamegraph for the others).
+Profiling costs governor ~30 % more CPU: its figures are marked. Use --pin with it: py-spy counts
+time spent waiting for a CPU as busy, and without pinning the load generator, woken by each
+response, preempts governor often enough to skew the profile.
+
+Other knobs: --targets governor|vmagent, --series-per-request, --connections, --pin (proxy alone
+on the last CPU), --governor-env KEY=VALUE (experiments, e.g. GLIBC_TUNABLES).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import datetime
+import hashlib
+import itertools
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+OUT = BENCH / "out"
+PYTHON = sys.executable
+SAMPLE_INTERVAL_S = 0.5
+DRAIN_TIMEOUT_S = 120.0
+
+
+# ---- processes --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Procs:
+    """Every process the benchmark starts; `stop_all` ends them (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, pin: bool = False) -> None:
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        # --pin: the proxy alone on the last CPU, everything else on the others.
+        ncpu = os.cpu_count() or 1
+        self.pin = pin and ncpu >= 2
+        self.proxy_cpus = {ncpu - 1}
+        self.other_cpus = set(range(ncpu - 1))
+
+    def start(
+        self, name: str, cmd: list[str], log: Path, proxy: bool = False, **kw: Any
+    ) -> subprocess.Popen:
+        if self.pin:
+            cpus = self.proxy_cpus if proxy else self.other_cpus
+            # Set before exec, so a Go runtime sizes GOMAXPROCS from the mask.
+            kw["preexec_fn"] = lambda: os.sched_setaffinity(0, cpus)
+        with open(log, "ab") as f:
+            p = subprocess.Popen(
+                cmd, stdout=kw.pop("stdout", f), stderr=f, stdin=subprocess.DEVNULL, **kw
+            )
+        self.procs.append((name, p))
+        return p
+
+    @staticmethod
+    def stop(p: subprocess.Popen, timeout: float = 15.0) -> None:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+    def stop_all(self) -> None:
+        for _, p in reversed(self.procs):
+            with contextlib.suppress(Exception):
+                self.stop(p)
+        self.procs.clear()
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def wait_http_ok(url: str, proc: subprocess.Popen, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode} while starting")
+        with contextlib.suppress(OSError):
+            if http_get(url, timeout=2.0)[0] == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} was not ready at {url} after {timeout:.0f}s")
+
+
+_LINE_RE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
+_LABEL_RE = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def scrape(url: str) -> list[tuple[str, dict[str, str], float]]:
+    """Prometheus text exposition as (name, labels, value) tuples."""
+    status, body = http_get(url)
+    if status != 200:
+        raise RuntimeError(f"GET {url}: {status}")
+    out = []
+    for line in body.decode().splitlines():
+        m = _LINE_RE.match(line)
+        if m:
+            labels = dict(_LABEL_RE.findall(m[2] or ""))
+            out.append((m[1], labels, float(m[3])))
+    return out
+
+
+def metric_sum(samples: list, name: str, **match: str) -> float:
+    return sum(
+        v for n, lbl, v in samples if n == name and all(lbl.get(k) == x for k, x in match.items())
+    )
+
+
+def vm_rows(vm_url: str) -> float:
+    return metric_sum(scrape(vm_url + "/metrics"), "vm_rows_inserted_total", type="promremotewrite")
+
+
+# ---- sampling ---------------------------------------------------------------------------------
+
+
+def cpu_of(p: psutil.Process) -> float:
+    t = p.cpu_times()
+    return t.user + t.system
+
+
+def minor_faults(pid: int) -> int:
+    """Minor page faults of `pid` so far (/proc/pid/stat field 10)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rpartition(")")[2].split()[7])
+
+
+def runqueue_wait_s(pid: int) -> float:
+    """Seconds the threads of `pid` spent runnable but waiting for a CPU (schedstat field 2)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            total += int((task / "schedstat").read_text().split()[1])
+    return total / 1e9
+
+
+def hwm_mb(pid: int) -> float:
+    """Peak resident set size (VmHWM) of `pid`, MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Sampler(threading.Thread):
+    """CPU time and RSS of some processes every SAMPLE_INTERVAL_S, until stopped."""
+
+    def __init__(self, procs: dict[str, psutil.Process]) -> None:
+        super().__init__(daemon=True)
+        self.procs = procs
+        self.samples: dict[str, list[tuple[float, float, float]]] = {k: [] for k in procs}
+        self._done = threading.Event()
+
+    def sample(self) -> None:
+        now = time.monotonic()
+        for name, p in self.procs.items():
+            with contextlib.suppress(psutil.Error):
+                self.samples[name].append((now, cpu_of(p), p.memory_info().rss / 1e6))
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            self.sample()
+            self._done.wait(SAMPLE_INTERVAL_S)
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(5)
+        self.sample()
+
+    def peak_rss_mb(self, name: str) -> float:
+        return max((s[2] for s in self.samples[name]), default=0.0)
+
+    def cpu_series(self, name: str) -> list[float]:
+        """CPU use (cores) between consecutive samples."""
+        s = self.samples[name]
+        return [
+            round((b[1] - a[1]) / (b[0] - a[0]), 3) for a, b in itertools.pairwise(s) if b[0] > a[0]
+        ]
+
+
+class LineReader(threading.Thread):
+    """Reads JSON lines of the load generator's stdout into a queue."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(daemon=True)
+        self.stream = stream
+        self.lines: queue.Queue[dict | None] = queue.Queue()
+
+    def run(self) -> None:
+        for raw in self.stream:
+            with contextlib.suppress(ValueError):
+                self.lines.put(json.loads(raw))
+        self.lines.put(None)
+
+    def wait_for(self, event: str, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"loadgen: no {event!r} line after {timeout:.0f}s")
+            try:
+                msg = self.lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            if msg is None:
+                raise RuntimeError(f"loadgen exited before {event!r}")
+            if msg.get("event") == event:
+                return msg
+
+
+# ---- profile ----------------------------------------------------------------------------------
+
+
+def _frame_key(frame: str) -> tuple[str, str]:
+    """'func (path/file.py:123)' -> ('func (path/file.py)', 'func (path/file.py:123)')."""
+    m = re.match(r"^(.*) \((.*?)(?::(\d+))?\)$", frame)
+    if not m:
+        return frame, frame
+    return f"{m[1]} ({m[2]})", frame
+
+
+def _area(frame: str) -> str:
+    m = re.match(r"^.* \((.*?)(?::\d+)?\)$", frame)
+    path = m[1] if m else frame
+    if path.startswith("service/"):
+        return "/".join(path.split("/")[:2])
+    return path.split("/")[0]
+
+
+def _short_path(path: str) -> str:
+    """py-spy's raw format shortens paths to the package part; do the same for speedscope."""
+    for marker in ("/site-packages/", "/dist-packages/"):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    root = str(ROOT) + "/"
+    if path.startswith(root):
+        return path[len(root) :]
+    m = re.search(r"/lib/python3\.\d+/(.*)$", path)
+    return m[1] if m else path
+
+
+def load_stacks(path: Path, fmt: str) -> list[tuple[list[str], int]]:
+    """Stacks (root first) with sample counts, from a py-spy raw or speedscope file."""
+    stacks: list[tuple[list[str], int]] = []
+    if fmt == "raw":
+        for line in path.read_text().splitlines():
+            body, _, count = line.rpartition(" ")
+            if body and count.isdigit():
+                stacks.append((body.split(";"), int(count)))
+    else:
+        doc = json.loads(path.read_text())
+        frames = [
+            f"{f['name']} ({_short_path(f.get('file') or '?')}:{f.get('line') or 0})"
+            for f in doc["shared"]["frames"]
+        ]
+        for prof in doc["profiles"]:
+            weights = prof.get("weights") or [1] * len(prof["samples"])
+            # py-spy weighs each sample by its interval in seconds: turn them back into counts.
+            unit = min((w for w in weights if w > 0), default=1)
+            for sample, w in zip(prof["samples"], weights):
+                stacks.append(([frames[i] for i in sample], round(w / unit)))  # root first
+    return stacks
+
+
+# Stages of governor's hot path, by a frame that marks them; the first marker in this list that
+# appears anywhere in a stack names its stage (so a response's socket send, which runs inside
+# hypercorn's TCPServer, still counts as "send response").
+_STAGES = [
+    ("count (service/codec/prw.py", "receiver: validate + count (prw.count)"),
+    ("decode (service/codec/prw.py", "receiver: decode + count (prw.decode)"),
+    ("decompress (service/codec/compression.py", "receiver: decompress"),
+    ("compress (service/codec/compression.py", "snappy compress"),
+    ("snappy_concat (service/codec/compression.py", "batch join (snappy_concat)"),
+    ("read_body (service/receivers/http.py", "receiver: read body (ASGI receive)"),
+    ("respond (service/receivers/http.py", "receiver: send response (hypercorn/h11/socket)"),
+    ("PRWReceiver.", "receiver: other (slots, budget, channel, metrics)"),
+    ("TCPServer.", "HTTP server: read + parse request, dispatch (hypercorn/h11)"),
+    ("PRWExporter.", "exporter: POST to backend (httpx/httpcore)"),
+    ("Batcher.", "batcher (other)"),
+    ("TelemetryApp.", "telemetry (/metrics, /ready)"),
+    ("EpollIOManager.get_events", "epoll wait (mostly idle)"),
+]
+
+
+def _stage(frames: list[str]) -> str:
+    for marker, stage in _STAGES:
+        if any(frame.startswith(marker) for frame in frames):
+            return stage
+    return "trio scheduler, other"
+
+
+def summarise_profile(path: Path, fmt: str, top: int = 20) -> str:
+    stacks = load_stacks(path, fmt)
+    total = sum(c for _, c in stacks)
+    if not total:
+        return "profile: no samples\n"
+    self_fn: collections.Counter[str] = collections.Counter()
+    self_line: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    areas: collections.Counter[str] = collections.Counter()
+    stages: collections.Counter[str] = collections.Counter()
+    for frames, count in stacks:
+        frames = [f for f in frames if " (" in f]  # drop py-spy's process/thread pseudo-frames
+        if not frames:
+            continue
+        fn, line = _frame_key(frames[-1])
+        self_fn[fn] += count
+        self_line[line] += count
+        areas[_area(frames[-1])] += count
+        stages[_stage(frames)] += count
+        for f in {_frame_key(f)[0] for f in frames}:
+            incl[f] += count
+
+    def table(title: str, counter: collections.Counter[str]) -> list[str]:
+        rows = [f"{title} (% of {total} samples)"]
+        rows += [f"  {c / total * 100:5.1f}%  {k}" for k, c in counter.most_common(top)]
+        return rows
+
+    lines = [f"profile {path.name}: {total} samples of governor's busy threads"]
+    lines += table("by pipeline stage", stages)
+    lines += table("self time by package/module (leaf frame)", areas)
+    lines += table("self time by function", self_fn)
+    lines += table("self time by line", self_line)
+    lines += table("inclusive time by function", incl)
+    return "\n".join(lines) + "\n"
+
+
+# ---- one measurement --------------------------------------------------------------------------
+
+
+def governor_config(tel_port: int, prw_port: int, vm_url: str) -> str:
+    return f"""\
+log:
+  level: warning
+  format: json
+telemetry:
+  listen: "127.0.0.1:{tel_port}"
+prw:
+  receiver:
+    listen: "127.0.0.1:{prw_port}"
+  exporters:
+    - url: "{vm_url}/api/v1/write"
+shutdown_grace_s: 10
+"""
+
+
+def start_vm(procs: Procs, tmp: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    data = tmp / "vm-data"
+    data.mkdir()
+    cmd = [
+        shutil.which("victoria-metrics") or "victoria-metrics",
+        f"-storageDataPath={data}",
+        f"-httpListenAddr=127.0.0.1:{port}",
+        "-search.latencyOffset=0s",
+        "-loggerLevel=ERROR",
+    ]
+    p = procs.start("victoria-metrics", cmd, tmp / "victoria-metrics.log")
+    url = f"http://127.0.0.1:{port}"
+    wait_http_ok(url + "/health", p, "victoria-metrics")
+    return p, url
+
+
+def run_load(
+    target: str, args: argparse.Namespace, run: int, procs: Procs, tmp: Path
+) -> dict[str, Any]:
+    vm, vm_url = start_vm(procs, tmp)
+    profile_proc = None
+    profile_file = None
+    if target == "governor":
+        tel_port, prw_port = free_port(), free_port()
+        cfg = tmp / "governor.yaml"
+        cfg.write_text(governor_config(tel_port, prw_port, vm_url))
+        proxy = procs.start(
+            "governor",
+            [PYTHON, "-m", "service", "--config", str(cfg)],
+            tmp / "governor.log",
+            proxy=True,
+            cwd=ROOT,
+            env={**os.environ, **dict(e.split("=", 1) for e in args.governor_env)},
+        )
+        tel = f"http://127.0.0.1:{tel_port}"
+        wait_http_ok(tel + "/ready", proxy, "governor")
+        write_url = f"http://127.0.0.1:{prw_port}/api/v1/write"
+    else:
+        port = free_port()
+        buf = tmp / "vmagent-data"
+        buf.mkdir()
+        cmd = [
+            shutil.which("vmagent") or "vmagent",
+            f"-remoteWrite.url={vm_url}/api/v1/write",
+            f"-httpListenAddr=127.0.0.1:{port}",
+            f"-remoteWrite.tmpDataPath={buf}",
+            "-loggerLevel=ERROR",
+        ]
+        proxy = procs.start("vmagent", cmd, tmp / "vmagent.log", proxy=True)
+        tel = f"http://127.0.0.1:{port}"
+        wait_http_ok(tel + "/health", proxy, "vmagent")
+        write_url = f"http://127.0.0.1:{port}/api/v1/write"
+
+    pp, vmp = psutil.Process(proxy.pid), psutil.Process(vm.pid)
+    rows0 = vm_rows(vm_url)
+    before = scrape(tel + "/metrics") if target == "governor" else []
+    lg_cmd = [
+        PYTHON,
+        str(BENCH / "loadgen.py"),
+        f"--url={write_url}",
+        f"--rate={args.rate}",
+        f"--duration={args.duration}",
+        f"--connections={args.connections}",
+        f"--series-per-request={args.series_per_request}",
+    ]
+    loadgen = procs.start("loadgen", lg_cmd, tmp / "loadgen.log", stdout=subprocess.PIPE, text=True)
+    reader = LineReader(loadgen.stdout)
+    reader.start()
+    reader.wait_for("sending", timeout=300)
+    sampler = Sampler({"proxy": pp, "vm": vmp})
+    machine0 = psutil.cpu_times()
+    t0 = time.monotonic()
+    cpu0, vm_cpu0 = cpu_of(pp), cpu_of(vmp)
+    faults0 = minor_faults(proxy.pid)
+    wait0 = runqueue_wait_s(proxy.pid)
+    sampler.start()
+    if args.profile and target == "governor":
+        OUT.mkdir(parents=True, exist_ok=True)
+        ext = {"raw": "txt", "speedscope": "speedscope.json", "flamegraph": "svg"}
+        profile_file = OUT / f"{args.profile_name}.{ext[args.profile_format]}"
+        profile_proc = procs.start(
+            "py-spy",
+            [
+                str(Path(PYTHON).parent / "py-spy"),
+                "record",
+                "--pid",
+                str(proxy.pid),
+                "--rate",
+                str(args.profile_rate),
+                "--duration",
+                str(int(args.duration)),
+                "--format",
+                args.profile_format,
+                "-o",
+                str(profile_file),
+                *(["--native"] if args.profile_native else []),
+            ],
+            tmp / "py-spy.log",
+        )
+    done = reader.wait_for("done", timeout=args.duration + 120)
+    t_load_end = time.monotonic()
+    loadgen.wait(30)
+    cpu_load = cpu_of(pp) - cpu0
+
+    # Drain: bounded wait until everything accepted has been delivered.
+    drained = False
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    received = sent = 0.0
+    while time.monotonic() < deadline:
+        if target == "governor":
+            m = scrape(tel + "/metrics")
+            received = metric_sum(m, "governor_datapoints_received_total") - metric_sum(
+                before, "governor_datapoints_received_total"
+            )
+            sent = metric_sum(m, "governor_datapoints_sent_total") - metric_sum(
+                before, "governor_datapoints_sent_total"
+            )
+        else:
+            received = float(done["samples_accepted"])
+            sent = vm_rows(vm_url) - rows0
+        if sent >= received:
+            drained = True
+            break
+        time.sleep(0.2)
+    t_drained = time.monotonic()
+    cpu = cpu_of(pp) - cpu0
+    vm_cpu = cpu_of(vmp) - vm_cpu0
+    faults = minor_faults(proxy.pid) - faults0
+    rq_wait = runqueue_wait_s(proxy.pid) - wait0
+    machine1 = psutil.cpu_times()
+    sampler.stop()
+    hwm = hwm_mb(proxy.pid)
+    stored = vm_rows(vm_url) - rows0
+    receiver_codes: dict[str, int] = {}
+    if target == "governor":
+        after = scrape(tel + "/metrics")
+        for name, lbl, v in after:
+            if name == "governor_receiver_requests_total":
+                prev = metric_sum(
+                    before, "governor_receiver_requests_total", code=lbl.get("code", "")
+                )
+                receiver_codes[lbl.get("code", "?")] = int(v - prev)
+    else:
+        receiver_codes = {k: int(v) for k, v in done["status_counts"].items()}
+
+    profile_summary = None
+    if profile_proc is not None:
+        try:
+            profile_proc.wait(args.duration + 60)
+        except subprocess.TimeoutExpired:
+            Procs.stop(profile_proc)
+        if profile_file and profile_file.exists() and args.profile_format != "flamegraph":
+            profile_summary = summarise_profile(profile_file, args.profile_format)
+            (OUT / f"{args.profile_name}_summary.txt").write_text(profile_summary)
+
+    Procs.stop(proxy, timeout=30)
+    Procs.stop(vm)
+
+    window = t_drained - t0
+    busy = sum(
+        getattr(machine1, f) - getattr(machine0, f)
+        for f in ("user", "nice", "system", "irq", "softirq", "steal")
+    )
+    wall = sum(machine1) - sum(machine0)
+    steal = machine1.steal - machine0.steal
+    delivered = sent if target == "governor" else stored
+    return {
+        "target": target,
+        "run": run,
+        "profiled": bool(profile_proc),
+        "offered_samples_per_s": done["offered_samples_per_s"],
+        "accepted_samples_per_s": done["accepted_samples_per_s"],
+        "delivered_samples_per_s": round(delivered / window, 1) if window else 0.0,
+        "samples_offered": done["samples_offered"],
+        "samples_accepted": done["samples_accepted"],
+        "samples_delivered": int(delivered),
+        "samples_stored_in_vm": int(stored),
+        "drained": drained,
+        "drain_s": round(t_drained - t_load_end, 2),
+        "cpu_s": round(cpu, 3),
+        "cpu_s_load_window": round(cpu_load, 3),
+        "cpu_s_per_million_samples": round(cpu / delivered * 1e6, 3) if delivered else None,
+        "samples_per_cpu_s": round(delivered / cpu, 0) if cpu else None,
+        "cpu_cores_avg": round(cpu / window, 3) if window else None,
+        "runqueue_wait_s": round(rq_wait, 3),
+        "minor_faults_per_request": round(faults / max(1, done["requests_sent"]), 1),
+        "peak_rss_mb": round(hwm, 1),
+        "peak_rss_sampled_mb": round(sampler.peak_rss_mb("proxy"), 1),
+        "receiver_status_codes": receiver_codes,
+        "loadgen_status_codes": done["status_counts"],
+        "loadgen_latency_ms_p50": done["latency_ms_p50"],
+        "loadgen_latency_ms_p99": done["latency_ms_p99"],
+        "loadgen_max_schedule_lag_ms": done["max_schedule_lag_ms"],
+        "loadgen_cpu_s": done["loadgen_cpu_s"],
+        "vm_cpu_s": round(vm_cpu, 3),
+        "machine_busy_pct": round(busy / wall * 100, 1) if wall else None,
+        "machine_steal_pct": round(steal / wall * 100, 2) if wall else None,
+        "proxy_cpu_cores_timeline": sampler.cpu_series("proxy"),
+        "profile_file": str(profile_file) if profile_file else None,
+        "profile_summary": profile_summary,
+    }
+
+
+def measure(target: str, args: argparse.Namespace, run: int) -> dict[str, Any]:
+    procs = Procs(pin=args.pin)
+    tmp = Path(tempfile.mkdtemp(prefix=f"bench-{target}-"))
+    try:
+        return run_load(target, args, run, procs, tmp)
+    except Exception:
+        for log in sorted(tmp.glob("*.log")):
+            tail = log.read_text(errors="replace")[-2000:]
+            print(f"--- {log.name} (tail) ---\n{tail}", file=sys.stderr)
+        raise
+    finally:
+        procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def code_state() -> dict[str, Any]:
+    """Which governor code was measured: HEAD, modified files, and a hash of service/ sources."""
+    h = hashlib.sha256()
+    for f in sorted((ROOT / "service").rglob("*.py")):
+        h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())
+    state: dict[str, Any] = {"service_sha256": h.hexdigest()[:16]}
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        git = ["git", "-C", str(ROOT)]
+        state["head"] = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        status = subprocess.run(
+            [*git, "status", "--porcelain", "--", "service"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+        state["service_changes"] = [line[3:] for line in status.splitlines()]
+    return state
+
+
+# ---- report -----------------------------------------------------------------------------------
+
+_FIGURES = [
+    ("offered_samples_per_s", "offered samples/s", "{:,.0f}"),
+    ("delivered_samples_per_s", "delivered samples/s (load start to drained)", "{:,.0f}"),
+    ("drain_s", "drain time after load, s", "{:.2f}"),
+    ("cpu_s", "proxy CPU-seconds (load start to drained)", "{:.2f}"),
+    ("cpu_cores_avg", "proxy CPU, cores (average)", "{:.3f}"),
+    ("cpu_s_per_million_samples", "proxy CPU-s per million samples", "{:.3f}"),
+    ("samples_per_cpu_s", "samples per proxy CPU-second", "{:,.0f}"),
+    ("runqueue_wait_s", "proxy time waiting for a CPU (runqueue), s", "{:.2f}"),
+    ("minor_faults_per_request", "proxy minor page faults per request", "{:.1f}"),
+    ("peak_rss_mb", "proxy peak RSS, MB (VmHWM)", "{:.1f}"),
+    ("peak_rss_sampled_mb", "proxy peak RSS, MB (0.5 s samples)", "{:.1f}"),
+    ("loadgen_latency_ms_p50", "request latency p50, ms", "{:.2f}"),
+    ("loadgen_latency_ms_p99", "request latency p99, ms", "{:.2f}"),
+    ("vm_cpu_s", "victoria-metrics CPU-seconds", "{:.2f}"),
+    ("loadgen_cpu_s", "loadgen CPU-seconds", "{:.2f}"),
+    ("machine_busy_pct", "machine busy, % of all cores", "{:.1f}"),
+    ("machine_steal_pct", "machine steal, %", "{:.2f}"),
+]
+
+
+def median_of(results: list[dict], key: str) -> float | None:
+    values = [r[key] for r in results if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def report(results: list[dict], args: argparse.Namespace) -> dict[str, Any]:
+    targets = [t for t in ("governor", "vmagent") if any(r["target"] == t for r in results)]
+    medians = {
+        t: {k: median_of([r for r in results if r["target"] == t], k) for k, _, _ in _FIGURES}
+        for t in targets
+    }
+    print(
+        f"\n== remote write e2e: {args.rate:,.0f} samples/s offered for {args.duration:.0f}s, "
+        f"{args.series_per_request} series x 10 labels per request, {args.runs} run(s) =="
+    )
+    for t in targets:
+        runs = [r for r in results if r["target"] == t]
+        print(f"\n{t}" + (" (PROFILED: py-spy attached)" if runs[0]["profiled"] else ""))
+        header = f"  {'figure':46s} {'median':>12s}  per run"
+        print(header)
+        for key, label, fmt in _FIGURES:
+            med = medians[t][key]
+            per = ", ".join(fmt.format(r[key]) if r[key] is not None else "-" for r in runs)
+            print(f"  {label:46s} {fmt.format(med) if med is not None else '-':>12s}  [{per}]")
+        for r in runs:
+            print(
+                f"  run {r['run']}: receiver status codes {r['receiver_status_codes']}, "
+                f"loadgen {r['loadgen_status_codes']}, drained={r['drained']}, "
+                f"delivered {r['samples_delivered']:,} of {r['samples_accepted']:,} accepted, "
+                f"stored in victoria-metrics {r['samples_stored_in_vm']:,}"
+            )
+    ratios: dict[str, float] = {}
+    if len(targets) == 2:
+        g, v = medians["governor"], medians["vmagent"]
+        print("\ngovernor / vmagent (medians)")
+        for key, label in (
+            ("cpu_s_per_million_samples", "CPU-s per million samples"),
+            ("samples_per_cpu_s", "samples per CPU-second"),
+            ("peak_rss_mb", "peak RSS"),
+        ):
+            if g[key] and v[key]:
+                ratios[key] = round(g[key] / v[key], 3)
+                print(f"  {label:46s} {ratios[key]:>12.3f}")
+    if "governor" in medians and not any(r["profiled"] for r in results):
+        g = medians["governor"]
+        print("\ntargets (governor, medians)")
+        spc, rss = g["samples_per_cpu_s"], g["peak_rss_mb"]
+        verdict = "met" if spc >= 450_000 else "NOT met"
+        print(f"  samples per CPU-second >= 450,000: {spc:,.0f} -> {verdict}")
+        print(f"  peak RSS < 150 MB: {rss:.1f} MB -> {'met' if rss < 150 else 'NOT met'}")
+    for r in results:
+        if r.get("profile_summary"):
+            print(f"\n{r['profile_summary']}")
+            print(f"profile written to {r['profile_file']}")
+    return {"medians": medians, "ratios_governor_over_vmagent": ratios}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--rate", type=float, default=180_000, help="offered samples/s")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of load per measurement")
+    p.add_argument("--runs", type=int, default=1, help="repeat and report medians")
+    p.add_argument("--connections", type=int, default=8, help="loadgen connections")
+    p.add_argument("--series-per-request", type=int, default=500)
+    p.add_argument(
+        "--targets",
+        default="governor,vmagent",
+        help="comma-separated: governor, vmagent (default both)",
+    )
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="pin the proxy to the last CPU and everything else to the other CPUs",
+    )
+    p.add_argument("--profile", action="store_true", help="py-spy governor during the load")
+    p.add_argument("--profile-format", choices=("raw", "speedscope", "flamegraph"), default="raw")
+    p.add_argument("--profile-name", default="profile", help="file name stem in bench/out/")
+    p.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second")
+    p.add_argument("--profile-native", action="store_true", help="py-spy --native")
+    p.add_argument(
+        "--governor-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for governor (experiments, e.g. GLIBC_TUNABLES=...)",
+    )
+    p.add_argument("--json-out", type=Path, help="where to write the JSON results")
+    args = p.parse_args(argv)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if not targets or any(t not in ("governor", "vmagent") for t in targets):
+        p.error("--targets takes governor and/or vmagent")
+    if args.runs < 1 or args.duration <= 0 or args.rate <= 0:
+        p.error("--runs, --duration and --rate must be positive")
+
+    results = []
+    started = datetime.datetime.now(datetime.UTC)
+    code = code_state()
+    for run in range(1, args.runs + 1):
+        order = targets if run % 2 else list(reversed(targets))  # alternate who goes first
+        for target in order:
+            print(f"run {run}/{args.runs}: {target} ...", file=sys.stderr, flush=True)
+            r = measure(target, args, run)
+            results.append(r)
+            print(
+                f"  {target}: {r['samples_per_cpu_s'] or 0:,.0f} samples/CPU-s, "
+                f"peak RSS {r['peak_rss_mb']:.0f} MB, codes {r['receiver_status_codes']}",
+                file=sys.stderr,
+                flush=True,
+            )
+    summary = report(results, args)
+    changed = len(code.get("service_changes", []))
+    print(
+        f"\ncode measured: HEAD {code.get('head', '?')}, {changed} uncommitted change(s) in "
+        f"service/, service sources sha256 {code['service_sha256']}"
+        + (f"; governor env {args.governor_env}" if args.governor_env else "")
+        + ("; pinned (--pin)" if args.pin else "")
+    )
+    OUT.mkdir(parents=True, exist_ok=True)
+    out = args.json_out or OUT / f"e2e_prw_{started:%Y%m%dT%H%M%SZ}.json"
+    doc = {
+        "started": started.isoformat(),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "host": {"nproc": os.cpu_count(), "load_avg": os.getloadavg()},
+        "code": code,
+        **summary,
+        "results": results,
+    }
+    out.write_text(json.dumps(doc, indent=2))
+    print(f"\nJSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
