@@ -22,6 +22,7 @@ from service.pipeline.items import Ingested
 from service.queue.memory import MemoryQueue
 from service.receivers.http import hypercorn_config, serve_http
 from service.receivers.prw import PRWReceiver
+from service.receivers.server import ServerConfig, serve_asgi
 from service.telemetry import logs
 from service.telemetry.health import Health
 from service.telemetry.metrics import Metrics
@@ -122,9 +123,9 @@ class App:
                     processing.start_soon(self.batcher.run, rx)
                     async with tx, trio.open_nursery() as receivers:
                         prw_addr = await receivers.start(
-                            serve_http,
+                            serve_asgi,
                             receiver,
-                            hypercorn_config(
+                            ServerConfig(
                                 pcfg.receiver.listen,
                                 keep_alive_max_requests=pcfg.receiver.keep_alive_max_requests,
                             ),
