@@ -663,3 +663,17 @@ async def test_many_concurrent_clients_all_accepted_and_all_delivered() -> None:
     assert sorted(gov.backend.series) == sorted(sent)
     assert gov.app.report is not None
     assert gov.app.report.delivered == {"backend": 800}
+
+
+async def test_zero_ingest_wait_accepts_when_there_is_room() -> None:
+    """ingest_wait_s: 0 never waits but still accepts: with a free slot, budget and channel room,
+    every request is answered 204 and delivered."""
+    async with running_governor(receiver={"ingest_wait_s": 0}) as gov:
+        sent: list[SeriesKey] = []
+        for i in range(5):
+            req = write_request(f"nowait-{i}", n_series=2, n_samples=1)
+            assert (await gov.write(req)).status_code == 204
+            sent += keys(req)
+        await gov.backend.wait_for(lambda: len(gov.backend.series) >= len(sent))
+        assert sorted(gov.backend.series) == sorted(sent)
+        assert gov.rejected("backpressure") == 0

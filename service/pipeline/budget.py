@@ -22,6 +22,13 @@ class ByteBudget:
         # config validation keeps max_decompressed_bytes <= the budget anyway.
         return self.used + n <= self.total or self.used == 0
 
+    def try_acquire(self, n: int) -> bool:
+        """Take `n` bytes if they fit now; True if taken."""
+        if self._fits(n):
+            self.used += n
+            return True
+        return False
+
     async def acquire(self, n: int) -> None:
         """Wait until `n` bytes fit, then take them. Cancellation leaves the budget unchanged."""
         await trio.lowlevel.checkpoint_if_cancelled()

@@ -105,11 +105,15 @@ class PRWReceiver:
         if self.health.draining:
             raise self._draining()
         # One deadline for every wait of this request: a slot, budget bytes, channel room.
+        # Each wait first tries without waiting, so ingest_wait_s: 0 means "only if there is room".
         deadline = trio.current_time() + self.cfg.ingest_wait_s
-        with trio.move_on_at(deadline) as waited:
-            await self._slots.acquire()
-        if waited.cancelled_caught:
-            raise self._backpressure("too many requests in progress")
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            with trio.move_on_at(deadline) as waited:
+                await self._slots.acquire()
+            if waited.cancelled_caught:
+                raise self._backpressure("too many requests in progress") from None
         try:
             return await self._ingest(scope, receive, deadline)
         finally:
@@ -133,10 +137,11 @@ class PRWReceiver:
         item = Ingested(block, len(data), counts.series, counts.datapoints)
         del body, data
         size = len(block)
-        with trio.move_on_at(deadline) as waited:
-            await self.budget.acquire(size)
-        if waited.cancelled_caught:
-            raise self._backpressure("ingest buffer is full")
+        if not self.budget.try_acquire(size):
+            with trio.move_on_at(deadline) as waited:
+                await self.budget.acquire(size)
+            if waited.cancelled_caught:
+                raise self._backpressure("ingest buffer is full")
         handed_over = False
         try:
             try:
