@@ -25,6 +25,8 @@ from service.telemetry import logs
 
 log = logs.get("http")
 _MAX_RECV = 256 * 1024
+_LINGER_S = 2.0
+_LINGER_MAX_BYTES = 64 * 1024 * 1024
 
 
 @attrs.frozen
@@ -110,7 +112,26 @@ class _Connection:
             pass
         finally:
             with trio.CancelScope(shield=True):
+                if self.h11.their_state is h11.SEND_BODY and self.h11.our_state is h11.MUST_CLOSE:
+                    await self._linger()
                 await self.stream.aclose()
+
+    async def _linger(self) -> None:
+        """We answered before reading the whole body (413, say). Closing with unread data makes
+        the kernel reset the connection, and a client still sending may then never read our
+        answer. So: end our side, then read and discard for a short while (nginx's lingering
+        close)."""
+        try:
+            await self.stream.send_eof()
+            with trio.move_on_after(_LINGER_S):
+                discarded = 0
+                while discarded < _LINGER_MAX_BYTES:
+                    data = await self.stream.receive_some(_MAX_RECV)
+                    if not data:
+                        break
+                    discarded += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
     async def _protocol_error(self, e: h11.RemoteProtocolError) -> None:
         if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
