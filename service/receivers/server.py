@@ -89,7 +89,9 @@ class _Connection:
         try:
             served = 0
             while True:
-                # Waiting for a request head is "idle" only before its first byte arrived.
+                # The first head must arrive within read_timeout_s; between requests the
+                # keep-alive timeout covers the whole next head. Shutdown closes a connection
+                # waiting here at once (a half-received head is dropped with it).
                 timeout = self.cfg.keep_alive_timeout_s if served else self.cfg.read_timeout_s
                 try:
                     with self.server.idle(self):
@@ -100,6 +102,11 @@ class _Connection:
                 if isinstance(event, h11.ConnectionClosed):
                     return
                 assert isinstance(event, h11.Request), event
+                if _head_bytes(event) > self.cfg.max_header_bytes:
+                    # h11 bounds only a head still arriving; one that came whole is checked here.
+                    too_large = h11.RemoteProtocolError("request head too large", 431)
+                    await self._protocol_error(too_large)
+                    return
                 served += 1
                 last = served >= self.cfg.keep_alive_max_requests or self.server.closing
                 await self._handle(event, close=last)
@@ -111,10 +118,12 @@ class _Connection:
         except _Closed:
             pass
         finally:
-            with trio.CancelScope(shield=True):
+            try:
                 if self.h11.their_state is h11.SEND_BODY and self.h11.our_state is h11.MUST_CLOSE:
-                    await self._linger()
-                await self.stream.aclose()
+                    await self._linger()  # not shielded: a hard stop cuts it short
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.stream.aclose()
 
     async def _linger(self) -> None:
         """We answered before reading the whole body (413, say). Closing with unread data makes
@@ -201,8 +210,9 @@ class _Connection:
             if message.get("more_body", False):
                 return
             headers = response["headers"]
-            # A body the app left unread cannot be skipped safely: close after answering.
-            if close or self.h11.their_state is not h11.DONE:
+            # A body the app left unread cannot be skipped safely: close after answering. A
+            # shutdown that began while the app ran also closes (the next read would refuse).
+            if close or self.server.closing or self.h11.their_state is not h11.DONE:
                 headers = [*headers, (b"connection", b"close")]
             body = b"".join(response["body"])
             await self._send(
@@ -227,6 +237,14 @@ class _Connection:
             raise _Closed("handler failed") from None
         if "sent" not in response:
             raise _Closed("handler sent no response")
+
+
+def _head_bytes(request: h11.Request) -> int:
+    """The fewest bytes the request line and headers of `request` can have taken on the wire."""
+    size = len(request.method) + len(request.target) + 14  # "M T HTTP/1.1\r\n" ... "\r\n"
+    for name, value in request.headers:
+        size += len(name) + len(value) + 3  # "name:value\r\n"
+    return size
 
 
 class _Server:
