@@ -128,6 +128,8 @@ class App:
                             ServerConfig(
                                 pcfg.receiver.listen,
                                 keep_alive_max_requests=pcfg.receiver.keep_alive_max_requests,
+                                keep_alive_timeout_s=pcfg.receiver.keep_alive_timeout_s,
+                                read_timeout_s=pcfg.receiver.read_timeout_s,
                             ),
                             stop_receiving.wait,
                         )

@@ -98,9 +98,13 @@ class ReceiverConfig:
     # How long a request may wait for room in the ingest channel before it is answered 429.
     ingest_wait_s: float = attrs.field(default=0.5, validator=_non_negative)
     retry_after_s: int = attrs.field(default=1, validator=_positive)
-    # hypercorn closes a keep-alive connection after this many requests; its default (1000)
-    # made long-lived remote-write clients reconnect constantly.
+    # A keep-alive connection is closed after this many requests (hypercorn's default of 1000
+    # made long-lived remote-write clients reconnect constantly).
     keep_alive_max_requests: int = attrs.field(default=1_000_000, validator=_positive)
+    # An idle keep-alive connection is closed after this; Go clients keep theirs 90 s.
+    keep_alive_timeout_s: float = attrs.field(default=60.0, validator=_positive)
+    # A request's head and body must arrive within this, or the connection is closed.
+    read_timeout_s: float = attrs.field(default=30.0, validator=_positive)
 
 
 @attrs.frozen

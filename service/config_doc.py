@@ -67,6 +67,10 @@ DESCRIPTIONS: dict[str, str] = {
     "(backpressure) and 503 (draining) answers.",
     "prw.receiver.keep_alive_max_requests": "Requests served on one keep-alive connection "
     "before the server closes it.",
+    "prw.receiver.keep_alive_timeout_s": "An idle keep-alive connection is closed after this "
+    "many seconds without a new request. Keep it above your clients' send interval.",
+    "prw.receiver.read_timeout_s": "A request's head and body must arrive within this many "
+    "seconds (the first request of a connection included), or the connection is closed.",
     "prw.batch": "How accepted requests are joined into batches before they are queued. A batch "
     "is flushed by whichever limit is reached first.",
     "prw.batch.max_series": "Flush once the batch holds this many series.",
