@@ -96,12 +96,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from service import allocator
     from service.app import App
+    from service.queue import QueueLockedError
     from service.telemetry import logs
 
     logs.setup(cfg.log.level, cfg.log.format)
     if not allocator.tune():
         logs.get("app").info("malloc is not glibc's: allocator left as it is")
-    trio.run(App(cfg).run)
+    try:
+        trio.run(App(cfg).run)
+    except QueueLockedError as e:
+        print(
+            f"governor: {e}; is another governor running with the same prw.queue.dir?",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

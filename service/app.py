@@ -14,12 +14,12 @@ import signal
 import attrs
 import trio
 
-from service.config import Config
+from service.config import Config, exporter_name
 from service.export.prw import PRWExporter
 from service.pipeline.batcher import Batcher
 from service.pipeline.budget import ByteBudget
 from service.pipeline.items import Ingested
-from service.queue.memory import MemoryQueue
+from service.queue import DiskQueue, open_queue, queue_dir_name
 from service.receivers.http import hypercorn_config, serve_http
 from service.receivers.prw import PRWReceiver
 from service.receivers.server import ServerConfig, serve_asgi
@@ -46,6 +46,8 @@ class ShutdownReport:
     clean: bool  # everything drained before the grace period ran out
     delivered: dict[str, int]
     dropped: dict[str, dict[str, int]]
+    # Disk queues: datapoints still queued at the stop, delivered after the next start.
+    kept_on_disk: dict[str, int] = attrs.field(factory=dict)
 
 
 class App:
@@ -72,6 +74,7 @@ class App:
         self, *, task_status: trio.TaskStatus[Addresses] = trio.TASK_STATUS_IGNORED
     ) -> None:
         cfg = self.cfg
+        self._build()
         telemetry_done = trio.Event()
         async with trio.open_nursery() as root:
             tel = await root.start(
@@ -88,14 +91,14 @@ class App:
                 telemetry_done.set()
                 root.cancel_scope.cancel()
 
-    async def _run_pipeline(
-        self, tel: tuple[str, int], task_status: trio.TaskStatus[Addresses]
-    ) -> None:
+    def _build(self) -> None:
+        """Create the queues (a disk queue recovers its directory here), exporters, batcher and
+        receiver. Runs before any nursery opens, so a QueueLockedError reaches the caller as is."""
         cfg = self.cfg
         pcfg = cfg.prw
         queues = []
         for exp_cfg in pcfg.exporters:
-            q = MemoryQueue(pcfg.queue)
+            q = open_queue(pcfg.queue, queue_dir_name(exporter_name(exp_cfg), exp_cfg.url))
             exporter = PRWExporter(
                 exp_cfg, q, metrics=self.metrics, log_interval_s=cfg.log.rate_limit_interval_s
             )
@@ -104,9 +107,11 @@ class App:
             self.exporters.append(exporter)
         budget = ByteBudget(pcfg.receiver.ingest_max_bytes)
         self.batcher = Batcher(pcfg.batch, queues, metrics=self.metrics, budget=budget)
-        tx, rx = trio.open_memory_channel[Ingested](pcfg.receiver.ingest_queue_requests)
+        self._tx, self._rx_main = tx, rx = trio.open_memory_channel[Ingested](
+            pcfg.receiver.ingest_queue_requests
+        )
         self._rx = rx.clone()  # kept to count what a hard stop leaves in the channel
-        receiver = PRWReceiver(
+        self._receiver = PRWReceiver(
             pcfg.receiver,
             tx,
             budget,
@@ -114,17 +119,25 @@ class App:
             health=self.health,
             log_interval_s=cfg.log.rate_limit_interval_s,
         )
+
+    async def _run_pipeline(
+        self, tel: tuple[str, int], task_status: trio.TaskStatus[Addresses]
+    ) -> None:
+        cfg = self.cfg
+        pcfg = cfg.prw
         stop_receiving = trio.Event()
         with self._pipeline_scope as pipeline_scope:
             async with trio.open_nursery() as exporters:
                 for exporter in self.exporters:
+                    if isinstance(exporter.queue, DiskQueue):
+                        await exporters.start(exporter.queue.run)
                     await exporters.start(exporter.run)
                 async with trio.open_nursery() as processing:
-                    processing.start_soon(self.batcher.run, rx)
-                    async with tx, trio.open_nursery() as receivers:
+                    processing.start_soon(self.batcher.run, self._rx_main)
+                    async with self._tx, trio.open_nursery() as receivers:
                         prw_addr = await receivers.start(
                             serve_asgi,
-                            receiver,
+                            self._receiver,
                             ServerConfig(
                                 pcfg.receiver.listen,
                                 keep_alive_max_requests=pcfg.receiver.keep_alive_max_requests,
@@ -181,16 +194,22 @@ class App:
                     in_channel += self._rx.receive_nowait().datapoints
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
+        kept: dict[str, int] = {}
         for i, exporter in enumerate(self.exporters):
             st = exporter.queue.statistics()
-            left = st.datapoints + st.in_flight_datapoints - exporter.settled_in_flight()
-            left += in_channel + (self.batcher.lost_datapoints(i) if self.batcher else 0)
-            if left:
-                exporter.drop(left, "shutdown")
+            queued = st.datapoints + st.in_flight_datapoints - exporter.settled_in_flight()
+            lost = in_channel + (self.batcher.lost_datapoints(i) if self.batcher else 0)
+            if isinstance(exporter.queue, DiskQueue):
+                kept[exporter.name] = queued  # stays on disk for the next start
+            else:
+                lost += queued
+            if lost:
+                exporter.drop(lost, "shutdown")
         self.report = ShutdownReport(
             clean=clean,
             delivered={e.name: e.sent_datapoints for e in self.exporters},
             dropped={e.name: dict(e.dropped_datapoints) for e in self.exporters},
+            kept_on_disk=kept,
         )
         lost = any(self.report.dropped.values())
         logs.log(
@@ -200,4 +219,5 @@ class App:
             drained=clean,
             delivered_datapoints=self.report.delivered,
             dropped_datapoints=self.report.dropped,
+            kept_on_disk_datapoints=kept,
         )

@@ -116,11 +116,20 @@ class BatchConfig:
 
 @attrs.frozen
 class QueueConfig:
-    type: Literal["memory"] = "memory"
-    # Both bounds apply; whichever is reached first makes the queue full.
+    # memory: lost on a crash; disk: survives restarts and kill -9 (see docs/queue.md).
+    mode: Literal["memory", "disk"] = "memory"
+    # Memory mode: both bounds apply; whichever is reached first makes the queue full.
     max_batches: int = attrs.field(default=10_000, validator=_positive)
-    max_bytes: int = attrs.field(default=256 * MiB, validator=_positive)  # compressed payloads
+    # Compressed payload bytes: in RAM (memory mode) or on disk per exporter (disk mode).
+    max_bytes: int = attrs.field(default=256 * MiB, validator=_positive)
     full_behavior: Literal["block", "drop_oldest", "drop_newest"] = "block"
+    # Disk mode: one subdirectory per exporter under this (systemd's StateDirectory).
+    dir: str = "/var/lib/governor/queue"
+    segment_bytes: int = attrs.field(default=64 * MiB, validator=_positive)
+    # Disk mode: answer a client only once its data is fsynced (group commit shares fsyncs).
+    durable_ack: bool = False
+    # Disk mode without durable_ack: the most a power loss can take.
+    sync_interval_s: float = attrs.field(default=1.0, validator=_positive)
 
 
 @attrs.frozen
@@ -213,12 +222,25 @@ def _cross_checks(cfg: Config) -> list[str]:
         problems.append(
             f"prw.exporters: two exporters are named {name!r}; give them distinct names"
         )
+    q = cfg.prw.queue
+    if q.mode == "disk":
+        parent = os.path.dirname(os.path.abspath(q.dir)) or "/"
+        if os.path.exists(q.dir) and not os.path.isdir(q.dir):
+            problems.append(f"prw.queue.dir: {q.dir} exists and is not a directory")
+        elif not os.path.exists(q.dir) and not os.access(_existing_ancestor(parent), os.W_OK):
+            problems.append(f"prw.queue.dir: cannot create {q.dir}")
     rc = cfg.prw.receiver
     if rc.max_decompressed_bytes < rc.max_request_bytes:
         problems.append("prw.receiver: max_decompressed_bytes is smaller than max_request_bytes")
     if rc.ingest_max_bytes < rc.max_decompressed_bytes:
         problems.append("prw.receiver: ingest_max_bytes is smaller than max_decompressed_bytes")
     return problems
+
+
+def _existing_ancestor(path: str) -> str:
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
 
 
 def exporter_name(exp: PRWExporterConfig) -> str:

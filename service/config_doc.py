@@ -81,12 +81,24 @@ DESCRIPTIONS: dict[str, str] = {
     "batch, however small it is.",
     "prw.queue": "The queue in front of each exporter. Every exporter has its own queue with "
     "these limits; a batch is compressed once and shared by all queues.",
-    "prw.queue.type": "Where batches wait. Only `memory` exists today: what is queued is lost "
-    "on a crash, and counted as dropped (`shutdown`) on a clean stop.",
-    "prw.queue.max_batches": "Most batches the queue holds. The queue is full when this or "
-    "`max_bytes` is reached. Batches being sent by a worker do not count.",
-    "prw.queue.max_bytes": "Most compressed bytes the queue holds. A single batch larger than "
+    "prw.queue.mode": "Where batches wait. `memory`: lost on a crash, and counted as dropped "
+    "(`shutdown`) when a stop cannot deliver them. `disk`: segment files under `dir`, one "
+    "subdirectory per exporter; what a stop or a crash leaves is delivered after the next start "
+    "(at least once; see docs/queue.md).",
+    "prw.queue.max_batches": "Memory mode: most batches the queue holds. The queue is full when "
+    "this or `max_bytes` is reached. Batches being sent by a worker do not count.",
+    "prw.queue.max_bytes": "Most compressed bytes the queue holds: in memory (memory mode) or "
+    "on disk per exporter (disk mode, batches being sent included). A single batch larger than "
     "this is still accepted when the queue is empty.",
+    "prw.queue.dir": "Disk mode: the directory under which each exporter's queue lives "
+    "(created if missing; the systemd unit's StateDirectory). Two governors must not share "
+    "it: the second refuses to start and names the first one's pid.",
+    "prw.queue.segment_bytes": "Disk mode: size at which a segment file is closed and a new one "
+    "started. Delivered data is freed a whole segment at a time.",
+    "prw.queue.durable_ack": "Disk mode: fsync each batch before the queue accepts it (many "
+    "batches share one fsync). Without it the queue fsyncs every `sync_interval_s`.",
+    "prw.queue.sync_interval_s": "Disk mode without `durable_ack`: seconds between fsyncs; a "
+    "power loss can take at most this much of what the queue accepted.",
     "prw.queue.full_behavior": "What a full queue does with a new batch. `block`: the batcher "
     "waits, the ingest queue fills, and the receiver answers 429, so clients keep the data. "
     "`drop_oldest`: evict the oldest batch. `drop_newest`: refuse the new batch. Drops are "
@@ -315,8 +327,9 @@ prw:
     max_bytes: 4MiB         # uncompressed
     interval_s: 1.0
   queue:
-    type: memory
-    max_bytes: 256MiB       # per exporter, compressed
+    mode: disk              # survives restarts; memory is the default
+    dir: /var/lib/governor/queue
+    max_bytes: 2GiB         # per exporter, on disk, compressed
     full_behavior: drop_oldest  # one slow backend must not hold back the other
   exporters:                # every batch goes to each of them
     - url: "http://victoria-metrics:8428/api/v1/write"

@@ -76,10 +76,19 @@ def test_one_exporter_is_enough_and_everything_else_defaults() -> None:
         ingest_wait_s=0.5,
         retry_after_s=1,
         keep_alive_max_requests=1_000_000,
+        keep_alive_timeout_s=60.0,
+        read_timeout_s=30.0,
     )
     assert cfg.prw.batch == BatchConfig(max_series=10_000, max_bytes=4 * MiB, interval_s=1.0)
     assert cfg.prw.queue == QueueConfig(
-        type="memory", max_batches=10_000, max_bytes=256 * MiB, full_behavior="block"
+        mode="memory",
+        max_batches=10_000,
+        max_bytes=256 * MiB,
+        full_behavior="block",
+        dir="/var/lib/governor/queue",
+        segment_bytes=64 * MiB,
+        durable_ack=False,
+        sync_interval_s=1.0,
     )
     exp = cfg.prw.exporters[0]
     assert exp.retry == RetryConfig(
@@ -264,7 +273,10 @@ def test_wrong_types_in_the_exporter_list() -> None:
         ),
         ({"log": {"level": "INFO"}}, "log.level: 'INFO' is not one of debug, info, warning, error"),
         ({"log": {"format": "text"}}, "log.format: 'text' is not one of json, logfmt"),
-        ({"prw": {"queue": {"type": "disk"}}}, "prw.queue.type: 'disk' is not one of memory"),
+        (
+            {"prw": {"queue": {"mode": "hybrid"}}},
+            "prw.queue.mode: 'hybrid' is not one of memory, disk",
+        ),
         (
             {"prw": {"queue": {"full_behavior": "drop"}}},
             "prw.queue.full_behavior: 'drop' is not one of block, drop_oldest, drop_newest",
@@ -743,3 +755,14 @@ def test_redact_a_whole_config() -> None:
 def test_exporter_name(url: str, name: str, expected: str) -> None:
     """The exporter's label is its name, or its URL without scheme, credentials and query."""
     assert exporter_name(PRWExporterConfig(url=url, name=name)) == expected
+
+
+def test_disk_queue_dir_must_be_a_directory(tmp_path: Path) -> None:
+    """In disk mode, a queue dir that exists as a file is refused at load; a missing one that can
+    be created is fine (the queue creates it)."""
+    a_file = tmp_path / "not-a-dir"
+    a_file.write_text("x")
+    data = with_exporter(prw={"queue": {"mode": "disk", "dir": str(a_file)}})
+    assert problems_of(data) == [f"prw.queue.dir: {a_file} exists and is not a directory"]
+    ok = with_exporter(prw={"queue": {"mode": "disk", "dir": str(tmp_path / "new" / "q")}})
+    assert config_from_dict(ok).prw.queue.mode == "disk"

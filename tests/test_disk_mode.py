@@ -1,0 +1,154 @@
+"""governor with `prw.queue.mode: disk`: what a stop leaves queued stays on disk and is delivered
+after the next start; a queue directory is never shared by two processes."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from service.app import Addresses, App
+from service.config import Config
+from service.queue import QueueLockedError
+from service.receivers.http import hypercorn_config, serve_http
+from tests.test_receiver_prw import (
+    DEADLINE_S,
+    PRW_HEADERS,
+    RecordingBackend,
+    SeriesKey,
+    keys,
+    make_config,
+    snappy,
+    write_request,
+)
+
+
+def reserved_port() -> socket.socket:
+    """A bound, non-listening socket: connections to its port are refused, and nobody else can
+    take the port until it is closed."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def disk_config(url: str, queue_dir: Path, **queue: object) -> Config:
+    return make_config(
+        url,
+        queue={"mode": "disk", "dir": str(queue_dir), **queue},
+        exporter={"breaker": {"open_s": 0.05, "max_open_s": 0.1}},
+        shutdown_grace_s=0.3,
+    )
+
+
+async def run_app(app: App, nursery: trio.Nursery) -> Addresses:
+    return await nursery.start(app.run)
+
+
+async def test_undelivered_data_survives_a_stop_and_is_delivered_after_restart(
+    tmp_path: Path,
+) -> None:
+    """With the backend down, acknowledged samples stay queued; the stop reports them as kept on
+    disk (not dropped); after a restart with the backend up, every series arrives exactly once."""
+    hold = reserved_port()
+    port = hold.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api/v1/write"
+    sent: list[SeriesKey] = []
+
+    app = App(disk_config(url, tmp_path))
+    async with trio.open_nursery() as nursery:
+        addrs = await run_app(app, nursery)
+        write_url = f"http://{addrs.prw[0]}:{addrs.prw[1]}/api/v1/write"
+        async with httpx.AsyncClient(timeout=DEADLINE_S) as client:
+            for i in range(10):
+                req = write_request(f"disk-{i}", n_series=3, n_samples=2)
+                resp = await client.post(
+                    write_url, content=snappy(req.SerializeToString()), headers=PRW_HEADERS
+                )
+                assert resp.status_code == 204
+                sent += keys(req)
+        app.shutdown()
+    assert app.report is not None
+    assert app.report.dropped == {"backend": {}}
+    assert app.report.delivered == {"backend": 0}
+    assert app.report.kept_on_disk == {"backend": 60}
+
+    hold.close()
+    backend = RecordingBackend()
+    async with trio.open_nursery() as nursery:
+        stop_backend = trio.Event()
+        await nursery.start(
+            serve_http, backend, hypercorn_config(f"127.0.0.1:{port}"), stop_backend.wait
+        )
+        again = App(disk_config(url, tmp_path))
+        with trio.fail_after(DEADLINE_S):
+            async with trio.open_nursery() as app_nursery:
+                await run_app(again, app_nursery)
+                await backend.wait_for(lambda: len(backend.series) >= len(sent))
+                again.shutdown()
+        stop_backend.set()
+    assert sorted(backend.series) == sorted(sent)
+    assert again.report.delivered == {"backend": 60}
+    assert again.report.kept_on_disk == {"backend": 0}
+    assert again.report.dropped == {"backend": {}}
+
+
+async def test_a_second_app_on_the_same_queue_dir_is_refused(tmp_path: Path) -> None:
+    """Two governors on one queue directory: the second fails before it listens, naming the
+    process that holds the directory."""
+    hold = reserved_port()
+    url = f"http://127.0.0.1:{hold.getsockname()[1]}/api/v1/write"
+    first = App(disk_config(url, tmp_path))
+    async with trio.open_nursery() as nursery:
+        await run_app(first, nursery)
+        second = App(disk_config(url, tmp_path))
+        with pytest.raises(QueueLockedError) as info:
+            await second.run()
+        assert info.value.pid is not None
+        assert f"locked by pid {info.value.pid}" in str(info.value)
+        first.shutdown()
+    hold.close()
+
+
+def test_cli_reports_a_locked_queue_dir_in_one_line(tmp_path: Path) -> None:
+    """`governor` started on a queue directory another process holds exits 1 with one line."""
+    hold = reserved_port()
+    url = f"http://127.0.0.1:{hold.getsockname()[1]}/api/v1/write"
+    config = tmp_path / "governor.yaml"
+    config.write_text(
+        "telemetry: {listen: '127.0.0.1:0'}\n"
+        "prw:\n"
+        "  receiver: {listen: '127.0.0.1:0'}\n"
+        f"  queue: {{mode: disk, dir: '{tmp_path / 'q'}'}}\n"
+        f"  exporters: [{{url: '{url}', name: backend}}]\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-m", "service", "--config", str(config), "--log-level", "error"],
+        stderr=subprocess.DEVNULL,
+    ) as holder:
+        try:
+            end = time.monotonic() + DEADLINE_S
+            while not list((tmp_path / "q").glob("*/lock")):
+                assert time.monotonic() < end, "the first governor never took its queue lock"
+                assert holder.poll() is None, "the first governor exited"
+                time.sleep(0.02)
+            # A second process: main() in this one would reconfigure logging for later tests.
+            second = subprocess.run(
+                [sys.executable, "-m", "service", "--config", str(config), "--log-level", "error"],
+                capture_output=True,
+                text=True,
+                timeout=DEADLINE_S,
+            )
+            assert second.returncode == 1
+            err = second.stderr.strip().splitlines()
+            assert len(err) == 1
+            assert f"locked by pid {holder.pid}" in err[0]
+        finally:
+            holder.terminate()
+            holder.wait(timeout=DEADLINE_S)
+            hold.close()
