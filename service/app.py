@@ -118,6 +118,7 @@ class App:
             metrics=self.metrics,
             health=self.health,
             log_interval_s=cfg.log.rate_limit_interval_s,
+            ack_after_queue=pcfg.queue.mode == "disk",
         )
 
     async def _run_pipeline(

@@ -6,6 +6,7 @@ the virtual time at which it came out of the queue.
 
 from __future__ import annotations
 
+import attrs
 import trio
 import trio.testing
 
@@ -427,3 +428,49 @@ async def test_pipeline_label(autojump_clock: trio.testing.MockClock) -> None:
     reg = metrics.registry
     assert reg.get_sample_value("governor_batch_series_count", {"pipeline": "otlp"}) == 1.0
     assert reg.get_sample_value("governor_batch_series_count", {"pipeline": "prw"}) is None
+
+
+async def test_done_is_set_only_once_the_batch_is_in_every_queue(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An item's `done` event is set when the batch holding it has been put into every queue:
+    not at hand-over, and not while a full (blocking) queue holds the flush back."""
+    full = MemoryQueue(QueueConfig(max_batches=1, full_behavior="block"))
+    free = MemoryQueue(QueueConfig())
+    await full.put((await _one_batch())[0])  # fills it
+    batcher = Batcher(BatchConfig(interval_s=1.0), [free, full], metrics=Metrics())
+    tx, rx = trio.open_memory_channel[Ingested](0)
+    it = attrs.evolve(item("a"), done=trio.Event())
+    set_at: list[float] = []
+
+    async def watch() -> None:
+        assert it.done is not None
+        await it.done.wait()
+        set_at.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(batcher.run, rx)
+        nursery.start_soon(watch)
+        await tx.send(it)
+        await trio.sleep(3.0)  # flushed at t=1: in `free`, blocked on `full`
+        assert set_at == []
+        assert free.statistics().length == 1
+        taken = await full.get()  # t=3: room in `full`
+        assert taken is not None
+        full.ack(taken)
+        await trio.sleep(0.5)
+        assert set_at == [3.0]
+        await tx.aclose()
+
+
+async def _one_batch() -> tuple[Batch, list[str]]:
+    """A batch as the batcher makes it, from one item."""
+    q = queue()
+    b = Batcher(BatchConfig(interval_s=0.1), [q], metrics=Metrics())
+    tx, rx = trio.open_memory_channel[Ingested](1)
+    await tx.send(item("x"))
+    await tx.aclose()
+    await b.run(rx)
+    batch = await q.get()
+    assert batch is not None
+    return batch, names_in(batch)

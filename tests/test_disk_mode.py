@@ -152,3 +152,38 @@ def test_cli_reports_a_locked_queue_dir_in_one_line(tmp_path: Path) -> None:
             holder.terminate()
             holder.wait(timeout=DEADLINE_S)
             hold.close()
+
+
+async def test_in_disk_mode_a_204_means_the_data_is_in_the_queue(tmp_path: Path) -> None:
+    """With a disk queue the receiver answers only once the request's batch is in the queue: right
+    after every 204, the queue holds at least every datapoint acknowledged so far (the backend is
+    down, so nothing has left it)."""
+    hold = reserved_port()
+    url = f"http://127.0.0.1:{hold.getsockname()[1]}/api/v1/write"
+    app = App(
+        make_config(
+            url,
+            queue={"mode": "disk", "dir": str(tmp_path)},
+            batch={"interval_s": 0.2},
+            shutdown_grace_s=0.3,
+        )
+    )
+    acknowledged = 0
+    async with trio.open_nursery() as nursery:
+        addrs = await run_app(app, nursery)
+        queue = app.exporters[0].queue
+        write_url = f"http://{addrs.prw[0]}:{addrs.prw[1]}/api/v1/write"
+        async with httpx.AsyncClient(timeout=DEADLINE_S) as client:
+            for i in range(4):
+                req = write_request(f"ack-{i}", n_series=2, n_samples=3)
+                resp = await client.post(
+                    write_url, content=snappy(req.SerializeToString()), headers=PRW_HEADERS
+                )
+                assert resp.status_code == 204
+                acknowledged += 6
+                st = queue.statistics()
+                assert st.datapoints + st.in_flight_datapoints == acknowledged
+        app.shutdown()
+    hold.close()
+    assert app.report is not None
+    assert app.report.kept_on_disk == {"backend": acknowledged}

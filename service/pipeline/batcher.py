@@ -39,6 +39,7 @@ class Batcher:
         self._series = 0
         self._bytes = 0  # uncompressed, for max_bytes
         self._held = 0  # compressed, as taken from the budget
+        self._done: list[trio.Event] = []  # receivers waiting for the open batch to be queued
         self.pending_datapoints = 0
         self._flushing: Batch | None = None
         self._flushed_to = 0
@@ -69,6 +70,8 @@ class Batcher:
                     self._series += item.series
                     self._bytes += item.raw_bytes
                     self._held += len(item.block)
+                    if item.done is not None:
+                        self._done.append(item.done)
                     self.pending_datapoints += item.datapoints
                     if self._series >= self.cfg.max_series or self._bytes >= self.cfg.max_bytes:
                         await self.flush()
@@ -95,11 +98,14 @@ class Batcher:
         self._series = self._bytes = self._held = self.pending_datapoints = 0
         self._batch_series.observe(batch.series)
         self._batch_bytes.observe(batch.raw_bytes)
+        done, self._done = self._done, []
         self._flushing = batch
         for i, q in enumerate(self.queues):
             self._flushed_to = i
             await q.put(batch)
         self._flushing = None
+        for event in done:
+            event.set()
 
     def lost_datapoints(self, queue_index: int) -> int:
         """Datapoints that queue `queue_index` would never get if the batcher stopped now: the

@@ -4,6 +4,7 @@ look inside a payload to account for it."""
 from __future__ import annotations
 
 import attrs
+import trio
 
 
 @attrs.frozen(slots=True)
@@ -18,6 +19,9 @@ class Ingested:
     raw_bytes: int  # uncompressed size
     series: int
     datapoints: int
+    # Set by the batcher once the batch holding this request is in every queue (fsynced, with
+    # durable_ack); the receiver then answers. None: the receiver answers at hand-over.
+    done: trio.Event | None = None
 
 
 @attrs.frozen(slots=True)

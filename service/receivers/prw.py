@@ -46,8 +46,12 @@ class PRWReceiver:
         metrics: Metrics,
         health: Health,
         log_interval_s: float = 10.0,
+        ack_after_queue: bool = False,
     ) -> None:
+        """`ack_after_queue`: answer 204 once the request's batch is in the queue (disk mode),
+        not when it is handed to the batcher."""
         self.cfg = cfg
+        self.ack_after_queue = ack_after_queue
         self.tx = tx
         self.budget = budget
         self._slots = trio.Semaphore(cfg.max_concurrent_requests)
@@ -134,7 +138,8 @@ class PRWReceiver:
         block = (
             body if encoding.strip().lower() == "snappy" else compression.compress(data, "snappy")
         )
-        item = Ingested(block, len(data), counts.series, counts.datapoints)
+        done = trio.Event() if self.ack_after_queue else None
+        item = Ingested(block, len(data), counts.series, counts.datapoints, done)
         del body, data
         size = len(block)
         if not self.budget.try_acquire(size):
@@ -159,6 +164,10 @@ class PRWReceiver:
         if not handed_over:
             raise self._backpressure("ingest queue is full")
         self._received.inc(counts.datapoints)
+        if done is not None:
+            # Answer only once the batch holding this request is in the (disk) queue. A hard stop
+            # cancels this wait: the client gets no answer and sends again (at least once).
+            await done.wait()
         return counts
 
     def _backpressure(self, why: str) -> Rejected:
