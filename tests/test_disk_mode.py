@@ -187,3 +187,20 @@ async def test_in_disk_mode_a_204_means_the_data_is_in_the_queue(tmp_path: Path)
     hold.close()
     assert app.report is not None
     assert app.report.kept_on_disk == {"backend": acknowledged}
+
+
+async def test_disk_queue_metrics_are_exported(tmp_path: Path) -> None:
+    """In disk mode /metrics carries the disk queue's own series: used bytes, and counters of
+    corrupt records, write errors and sync errors (all 0 on a healthy queue)."""
+    hold = reserved_port()
+    url = f"http://127.0.0.1:{hold.getsockname()[1]}/api/v1/write"
+    app = App(disk_config(url, tmp_path))
+    async with trio.open_nursery() as nursery:
+        await run_app(app, nursery)
+        labels = {"pipeline": "prw", "exporter": "backend"}
+        value = app.metrics.registry.get_sample_value
+        assert value("governor_queue_disk_used_bytes", labels) == 0
+        for name in ("corrupt_records", "write_errors", "sync_errors"):
+            assert value(f"governor_queue_{name}_total", labels) == 0
+        app.shutdown()
+    hold.close()

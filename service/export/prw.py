@@ -99,6 +99,27 @@ class PRWExporter:
             lbl,
             lambda: self.queue.statistics().in_flight,
         )
+        if hasattr(self.queue.statistics(), "corrupt_records"):  # a disk queue
+            for field, name, doc in (
+                (
+                    "corrupt_records",
+                    "governor_queue_corrupt_records",
+                    "Damaged records the disk queue skipped (each logged with file and offset).",
+                ),
+                (
+                    "write_errors",
+                    "governor_queue_write_errors",
+                    "Batches the disk queue could not write (disk full, I/O error); dropped.",
+                ),
+                ("sync_errors", "governor_queue_sync_errors", "Failed fsyncs of the disk queue."),
+            ):
+                metrics.counter(name, doc, lbl, lambda f=field: getattr(self.queue.statistics(), f))
+            metrics.gauge(
+                "governor_queue_disk_used_bytes",
+                "Bytes of queue records on disk, in flight included (what max_bytes limits).",
+                lbl,
+                lambda: self.queue.statistics().used_bytes,
+            )
         metrics.gauge(
             "governor_breaker_state",
             "Circuit breaker: 0 closed, 1 open, 2 half-open.",

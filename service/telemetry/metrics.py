@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
@@ -24,20 +24,23 @@ _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30
 
 
 class _StateCollector(Collector):
-    """Turns `statistics()` of live objects into gauges when /metrics is scraped."""
+    """Turns `statistics()` of live objects into gauges and counters when /metrics is scraped."""
 
     def __init__(self) -> None:
-        self._sources: list[tuple[str, str, dict[str, str], Callable[[], float]]] = []
+        self._sources: list[tuple[str, str, str, dict[str, str], Callable[[], float]]] = []
 
-    def add(self, name: str, doc: str, labels: dict[str, str], read: Callable[[], float]) -> None:
-        self._sources.append((name, doc, labels, read))
+    def add(
+        self, kind: str, name: str, doc: str, labels: dict[str, str], read: Callable[[], float]
+    ) -> None:
+        self._sources.append((kind, name, doc, labels, read))
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
-        families: dict[str, GaugeMetricFamily] = {}
-        for name, doc, labels, read in self._sources:
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
+        for kind, name, doc, labels, read in self._sources:
             fam = families.get(name)
             if fam is None:
-                fam = families[name] = GaugeMetricFamily(name, doc, labels=list(labels))
+                cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                fam = families[name] = cls(name, doc, labels=list(labels))
             fam.add_metric(list(labels.values()), read())
         return families.values()
 
@@ -125,7 +128,11 @@ class Metrics:
 
     def gauge(self, name: str, doc: str, labels: dict[str, str], read: Callable[[], Any]) -> None:
         """Export `read()` as gauge `name` at every scrape."""
-        self.state.add(name, doc, labels, read)
+        self.state.add("gauge", name, doc, labels, read)
+
+    def counter(self, name: str, doc: str, labels: dict[str, str], read: Callable[[], Any]) -> None:
+        """Export `read()`, a count kept by its owner, as counter `name` (without `_total`)."""
+        self.state.add("counter", name, doc, labels, read)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
