@@ -34,7 +34,7 @@ from service.config import (
 from service.export.prw import PRWExporter
 from service.pipeline.items import Batch
 from service.queue.memory import MemoryQueue
-from service.receivers.http import hypercorn_config, serve_http
+from service.receivers.http import hypercorn_config, lifespan, read_body, serve_http
 from service.telemetry.metrics import Metrics
 
 SeriesKey = tuple[tuple[tuple[str, str], ...], tuple[tuple[int, float], ...]]
@@ -510,19 +510,9 @@ class HTTPBackend:
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
+            await lifespan(receive, send)
+            return
+        body = await read_body(scope, receive, 1 << 30)
         self.requests += 1
         if self.down or self.requests <= self.fail_first:
             self.failed += 1

@@ -25,7 +25,7 @@ from service._proto.prometheus.remote_pb2 import WriteRequest
 from service._proto.prometheus.types_pb2 import TimeSeries
 from service.app import Addresses, App
 from service.config import Config, config_from_dict
-from service.receivers.http import hypercorn_config, serve_http
+from service.receivers.http import hypercorn_config, lifespan, read_body, serve_http
 
 # A series as the backend saw it: its labels and its (timestamp, value) samples, in order.
 SeriesKey = tuple[tuple[tuple[str, str], ...], tuple[tuple[int, float], ...]]
@@ -86,19 +86,9 @@ class RecordingBackend:
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
+            await lifespan(receive, send)
+            return
+        body = await read_body(scope, receive, 1 << 30)
         self.requests += 1
         self._notify()
         if self.gate is not None:
