@@ -24,9 +24,22 @@ response, preempts governor often enough to skew the profile.
 
 Other knobs: --targets governor|vmagent, --series-per-request, --connections, --pin (proxy alone
 on the last CPU), --governor-env KEY=VALUE (experiments, e.g. GLIBC_TUNABLES).
+
+Queue mode: --queue memory|disk (or memory,disk: both, alternating within each run) sets governor's
+prw.queue.mode; in disk mode prw.queue.dir is a directory in the measurement's temp dir, and
+--durable-ack sets prw.queue.durable_ack. With both modes, the disk/memory ratios are printed.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, bench/ is first on sys.path, where bench/queue.py would shadow the standard
+# library's `queue` (imported below and by other modules): take bench/ off the path first. Hence
+# the imports below this line (E402).
+# ruff: noqa: E402
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse
 import collections
@@ -43,13 +56,11 @@ import signal
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -378,7 +389,9 @@ def summarise_profile(path: Path, fmt: str, top: int = 20) -> str:
 # ---- one measurement --------------------------------------------------------------------------
 
 
-def governor_config(tel_port: int, prw_port: int, vm_url: str) -> str:
+def governor_config(
+    tel_port: int, prw_port: int, vm_url: str, queue: str = "memory", queue_cfg: str = ""
+) -> str:
     return f"""\
 log:
   level: warning
@@ -388,6 +401,8 @@ telemetry:
 prw:
   receiver:
     listen: "127.0.0.1:{prw_port}"
+  queue:
+    mode: {queue}{queue_cfg}
   exporters:
     - url: "{vm_url}/api/v1/write"
 shutdown_grace_s: 10
@@ -411,16 +426,20 @@ def start_vm(procs: Procs, tmp: Path) -> tuple[subprocess.Popen, str]:
     return p, url
 
 
-def run_load(
-    target: str, args: argparse.Namespace, run: int, procs: Procs, tmp: Path
-) -> dict[str, Any]:
+def run_load(variant: Variant, args: argparse.Namespace, run: int, procs: Procs, tmp: Path):
+    target = variant.target
     vm, vm_url = start_vm(procs, tmp)
     profile_proc = None
     profile_file = None
     if target == "governor":
         tel_port, prw_port = free_port(), free_port()
         cfg = tmp / "governor.yaml"
-        cfg.write_text(governor_config(tel_port, prw_port, vm_url))
+        queue_cfg = ""
+        if variant.queue == "disk":
+            queue_cfg = (
+                f'\n    dir: "{tmp / "queue"}"\n    durable_ack: {str(variant.durable).lower()}'
+            )
+        cfg.write_text(governor_config(tel_port, prw_port, vm_url, variant.queue, queue_cfg))
         proxy = procs.start(
             "governor",
             [PYTHON, "-m", "service", "--config", str(cfg)],
@@ -562,7 +581,10 @@ def run_load(
     steal = machine1.steal - machine0.steal
     delivered = sent if target == "governor" else stored
     return {
-        "target": target,
+        "target": variant.label,
+        "proxy": target,
+        "queue": variant.queue,
+        "durable_ack": variant.durable,
         "run": run,
         "profiled": bool(profile_proc),
         "offered_samples_per_s": done["offered_samples_per_s"],
@@ -598,11 +620,35 @@ def run_load(
     }
 
 
-def measure(target: str, args: argparse.Namespace, run: int) -> dict[str, Any]:
+class Variant:
+    """What one measurement runs: a proxy, and for governor its queue mode."""
+
+    def __init__(self, target: str, queue: str = "memory", durable: bool = False) -> None:
+        self.target, self.queue, self.durable = target, queue, durable
+        self.label = target
+        if target == "governor" and (queue != "memory" or durable):
+            self.label = f"governor/{queue}" + ("+durable" if durable else "")
+
+
+def variants(targets: list[str], queues: list[str], durable: bool) -> list[Variant]:
+    out = []
+    for t in targets:
+        if t != "governor":
+            out.append(Variant(t))
+            continue
+        for q in queues:
+            v = Variant(t, q, durable and q == "disk")
+            if len(queues) > 1 and q == "memory":
+                v.label = "governor/memory"
+            out.append(v)
+    return out
+
+
+def measure(variant: Variant, args: argparse.Namespace, run: int) -> dict[str, Any]:
     procs = Procs(pin=args.pin)
-    tmp = Path(tempfile.mkdtemp(prefix=f"bench-{target}-"))
+    tmp = Path(tempfile.mkdtemp(prefix=f"bench-{variant.target}-"))
     try:
-        return run_load(target, args, run, procs, tmp)
+        return run_load(variant, args, run, procs, tmp)
     except Exception:
         for log in sorted(tmp.glob("*.log")):
             tail = log.read_text(errors="replace")[-2000:]
@@ -662,8 +708,8 @@ def median_of(results: list[dict], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def report(results: list[dict], args: argparse.Namespace) -> dict[str, Any]:
-    targets = [t for t in ("governor", "vmagent") if any(r["target"] == t for r in results)]
+def report(results: list[dict], args: argparse.Namespace, labels: list[str]) -> dict[str, Any]:
+    targets = [t for t in labels if any(r["target"] == t for r in results)]
     medians = {
         t: {k: median_of([r for r in results if r["target"] == t], k) for k, _, _ in _FIGURES}
         for t in targets
@@ -689,29 +735,65 @@ def report(results: list[dict], args: argparse.Namespace) -> dict[str, Any]:
                 f"stored in victoria-metrics {r['samples_stored_in_vm']:,}"
             )
     ratios: dict[str, float] = {}
-    if len(targets) == 2:
-        g, v = medians["governor"], medians["vmagent"]
-        print("\ngovernor / vmagent (medians)")
-        for key, label in (
-            ("cpu_s_per_million_samples", "CPU-s per million samples"),
-            ("samples_per_cpu_s", "samples per CPU-second"),
-            ("peak_rss_mb", "peak RSS"),
-        ):
-            if g[key] and v[key]:
-                ratios[key] = round(g[key] / v[key], 3)
-                print(f"  {label:46s} {ratios[key]:>12.3f}")
-    if "governor" in medians and not any(r["profiled"] for r in results):
-        g = medians["governor"]
+    governors = [t for t in targets if t.startswith("governor")]
+    if "vmagent" in targets and governors:
+        v = medians["vmagent"]
+        for gl in governors:
+            g = medians[gl]
+            print(f"\n{gl} / vmagent (medians)")
+            for key, label in (
+                ("cpu_s_per_million_samples", "CPU-s per million samples"),
+                ("samples_per_cpu_s", "samples per CPU-second"),
+                ("peak_rss_mb", "peak RSS"),
+            ):
+                if g[key] and v[key]:
+                    name = key if gl == "governor" else f"{gl}:{key}"
+                    ratios[name] = round(g[key] / v[key], 3)
+                    print(f"  {label:46s} {ratios[name]:>12.3f}")
+    queue_ratios: dict[str, dict[str, float]] = {}
+    if "governor/memory" in medians:
+        m = medians["governor/memory"]
+        for gl in governors:
+            if gl == "governor/memory":
+                continue
+            d = medians[gl]
+            print(f"\n{gl} / governor/memory (medians)")
+            queue_ratios[gl] = {}
+            for key, label in (
+                ("samples_per_cpu_s", "samples per CPU-second"),
+                ("cpu_s_per_million_samples", "CPU-s per million samples"),
+                ("delivered_samples_per_s", "delivered samples/s"),
+                ("peak_rss_mb", "peak RSS"),
+                ("loadgen_latency_ms_p50", "request latency p50"),
+            ):
+                if d[key] and m[key]:
+                    queue_ratios[gl][key] = round(d[key] / m[key], 3)
+                    print(f"  {label:46s} {queue_ratios[gl][key]:>12.3f}")
+    if governors and not any(r["profiled"] for r in results):
         print("\ntargets (governor, medians)")
-        spc, rss = g["samples_per_cpu_s"], g["peak_rss_mb"]
-        verdict = "met" if spc >= 450_000 else "NOT met"
-        print(f"  samples per CPU-second >= 450,000: {spc:,.0f} -> {verdict}")
-        print(f"  peak RSS < 150 MB: {rss:.1f} MB -> {'met' if rss < 150 else 'NOT met'}")
+        for gl in governors:
+            g = medians[gl]
+            spc, rss = g["samples_per_cpu_s"], g["peak_rss_mb"]
+            verdict = "met" if spc and spc >= 450_000 else "NOT met"
+            print(f"  {gl}: samples per CPU-second >= 450,000: {spc or 0:,.0f} -> {verdict}")
+            print(f"  {gl}: peak RSS < 150 MB: {rss:.1f} MB -> {'met' if rss < 150 else 'NOT met'}")
+        for gl, q in queue_ratios.items():
+            r = q.get("samples_per_cpu_s")
+            if r is not None:
+                verdict = "met" if r >= 0.85 else "NOT met"
+                print(
+                    f"  {gl}: samples per CPU-second >= 85 % of governor/memory's: "
+                    f"{r * 100:.1f} % -> {verdict}"
+                )
     for r in results:
         if r.get("profile_summary"):
             print(f"\n{r['profile_summary']}")
             print(f"profile written to {r['profile_file']}")
-    return {"medians": medians, "ratios_governor_over_vmagent": ratios}
+    return {
+        "medians": medians,
+        "ratios_governor_over_vmagent": ratios,
+        "ratios_over_memory_queue": queue_ratios,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -743,11 +825,25 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="extra environment for governor (experiments, e.g. GLIBC_TUNABLES=...)",
     )
+    p.add_argument(
+        "--queue",
+        default="memory",
+        help="governor's prw.queue.mode: memory, disk, or memory,disk (both, alternating)",
+    )
+    p.add_argument(
+        "--durable-ack", action="store_true", help="disk mode: prw.queue.durable_ack: true"
+    )
     p.add_argument("--json-out", type=Path, help="where to write the JSON results")
     args = p.parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if not targets or any(t not in ("governor", "vmagent") for t in targets):
         p.error("--targets takes governor and/or vmagent")
+    queues = list(dict.fromkeys(q.strip() for q in args.queue.split(",") if q.strip()))
+    if not queues or any(q not in ("memory", "disk") for q in queues):
+        p.error("--queue takes memory and/or disk")
+    if args.durable_ack and "disk" not in queues:
+        p.error("--durable-ack needs --queue disk")
+    plan = variants(targets, queues, args.durable_ack)
     if args.runs < 1 or args.duration <= 0 or args.rate <= 0:
         p.error("--runs, --duration and --rate must be positive")
 
@@ -755,18 +851,18 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.UTC)
     code = code_state()
     for run in range(1, args.runs + 1):
-        order = targets if run % 2 else list(reversed(targets))  # alternate who goes first
-        for target in order:
-            print(f"run {run}/{args.runs}: {target} ...", file=sys.stderr, flush=True)
-            r = measure(target, args, run)
+        order = plan if run % 2 else list(reversed(plan))  # alternate who goes first
+        for variant in order:
+            print(f"run {run}/{args.runs}: {variant.label} ...", file=sys.stderr, flush=True)
+            r = measure(variant, args, run)
             results.append(r)
             print(
-                f"  {target}: {r['samples_per_cpu_s'] or 0:,.0f} samples/CPU-s, "
+                f"  {variant.label}: {r['samples_per_cpu_s'] or 0:,.0f} samples/CPU-s, "
                 f"peak RSS {r['peak_rss_mb']:.0f} MB, codes {r['receiver_status_codes']}",
                 file=sys.stderr,
                 flush=True,
             )
-    summary = report(results, args)
+    summary = report(results, args, [v.label for v in plan])
     changed = len(code.get("service_changes", []))
     print(
         f"\ncode measured: HEAD {code.get('head', '?')}, {changed} uncommitted change(s) in "

@@ -19,7 +19,7 @@ from service.export.prw import PRWExporter
 from service.pipeline.batcher import Batcher
 from service.pipeline.budget import ByteBudget
 from service.pipeline.items import Ingested
-from service.queue import DiskQueue, open_queue, queue_dir_name
+from service.queue import DiskQueue, HybridQueue, open_queue, queue_dir_name
 from service.receivers.http import hypercorn_config, serve_http
 from service.receivers.prw import PRWReceiver
 from service.receivers.server import ServerConfig, serve_asgi
@@ -118,7 +118,7 @@ class App:
             metrics=self.metrics,
             health=self.health,
             log_interval_s=cfg.log.rate_limit_interval_s,
-            ack_after_queue=pcfg.queue.mode == "disk",
+            ack_after_queue=pcfg.queue.mode != "memory",
         )
 
     async def _run_pipeline(
@@ -130,7 +130,7 @@ class App:
         with self._pipeline_scope as pipeline_scope:
             async with trio.open_nursery() as exporters:
                 for exporter in self.exporters:
-                    if isinstance(exporter.queue, DiskQueue):
+                    if isinstance(exporter.queue, (DiskQueue, HybridQueue)):
                         await exporters.start(exporter.queue.run)
                     await exporters.start(exporter.run)
                 async with trio.open_nursery() as processing:
@@ -200,7 +200,7 @@ class App:
             st = exporter.queue.statistics()
             queued = st.datapoints + st.in_flight_datapoints - exporter.settled_in_flight()
             lost = in_channel + (self.batcher.lost_datapoints(i) if self.batcher else 0)
-            if isinstance(exporter.queue, DiskQueue):
+            if isinstance(exporter.queue, (DiskQueue, HybridQueue)):
                 kept[exporter.name] = queued  # stays on disk for the next start
             else:
                 lost += queued

@@ -116,8 +116,9 @@ class BatchConfig:
 
 @attrs.frozen
 class QueueConfig:
-    # memory: lost on a crash; disk: survives restarts and kill -9 (see docs/queue.md).
-    mode: Literal["memory", "disk"] = "memory"
+    # memory: lost on a crash; disk: survives restarts and kill -9; hybrid: memory first, disk
+    # past spill_at of max_memory_bytes (see docs/queue.md).
+    mode: Literal["memory", "disk", "hybrid"] = "memory"
     # Memory mode: both bounds apply; whichever is reached first makes the queue full.
     max_batches: int = attrs.field(default=10_000, validator=_positive)
     # Compressed payload bytes: in RAM (memory mode) or on disk per exporter (disk mode).
@@ -130,6 +131,9 @@ class QueueConfig:
     durable_ack: bool = False
     # Disk mode without durable_ack: the most a power loss can take.
     sync_interval_s: float = attrs.field(default=1.0, validator=_positive)
+    # Hybrid mode: the memory part's budget, and the share of it after which batches go to disk.
+    max_memory_bytes: int = attrs.field(default=64 * MiB, validator=_positive)
+    spill_at: float = attrs.field(default=0.8, validator=_fraction)
 
 
 @attrs.frozen
@@ -223,7 +227,12 @@ def _cross_checks(cfg: Config) -> list[str]:
             f"prw.exporters: two exporters are named {name!r}; give them distinct names"
         )
     q = cfg.prw.queue
-    if q.mode == "disk":
+    if q.mode == "hybrid" and q.durable_ack:
+        problems.append(
+            "prw.queue.durable_ack: the hybrid queue's memory part is never fsynced; "
+            "use mode: disk for durable_ack"
+        )
+    if q.mode in ("disk", "hybrid"):
         parent = os.path.dirname(os.path.abspath(q.dir)) or "/"
         if os.path.exists(q.dir) and not os.path.isdir(q.dir):
             problems.append(f"prw.queue.dir: {q.dir} exists and is not a directory")

@@ -84,7 +84,8 @@ DESCRIPTIONS: dict[str, str] = {
     "prw.queue.mode": "Where batches wait. `memory`: lost on a crash, and counted as dropped "
     "(`shutdown`) when a stop cannot deliver them. `disk`: segment files under `dir`, one "
     "subdirectory per exporter; what a stop or a crash leaves is delivered after the next start "
-    "(at least once; see docs/queue.md).",
+    "(at least once). `hybrid`: memory first, disk past `spill_at`; a stop moves the memory "
+    "part to disk, a crash loses it. See docs/queue.md.",
     "prw.queue.max_batches": "Memory mode: most batches the queue holds. The queue is full when "
     "this or `max_bytes` is reached. Batches being sent by a worker do not count.",
     "prw.queue.max_bytes": "Most compressed bytes the queue holds: in memory (memory mode) or "
@@ -97,8 +98,12 @@ DESCRIPTIONS: dict[str, str] = {
     "started. Delivered data is freed a whole segment at a time.",
     "prw.queue.durable_ack": "Disk mode: fsync each batch before the queue accepts it (many "
     "batches share one fsync). Without it the queue fsyncs every `sync_interval_s`.",
-    "prw.queue.sync_interval_s": "Disk mode without `durable_ack`: seconds between fsyncs; a "
-    "power loss can take at most this much of what the queue accepted.",
+    "prw.queue.sync_interval_s": "Disk and hybrid modes without `durable_ack`: seconds between "
+    "fsyncs; a power loss can take at most this much of what the disk part accepted.",
+    "prw.queue.max_memory_bytes": "Hybrid mode: the memory part's budget of compressed bytes.",
+    "prw.queue.spill_at": "Hybrid mode: share of `max_memory_bytes` past which new batches go "
+    "to disk (until the disk part has nothing waiting, so the order of delivery stays the order "
+    "of arrival).",
     "prw.queue.full_behavior": "What a full queue does with a new batch. `block`: the batcher "
     "waits, the ingest queue fills, and the receiver answers 429, so clients keep the data. "
     "`drop_oldest`: evict the oldest batch. `drop_newest`: refuse the new batch. Drops are "

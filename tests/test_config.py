@@ -89,6 +89,8 @@ def test_one_exporter_is_enough_and_everything_else_defaults() -> None:
         segment_bytes=64 * MiB,
         durable_ack=False,
         sync_interval_s=1.0,
+        max_memory_bytes=64 * MiB,
+        spill_at=0.8,
     )
     exp = cfg.prw.exporters[0]
     assert exp.retry == RetryConfig(
@@ -274,8 +276,8 @@ def test_wrong_types_in_the_exporter_list() -> None:
         ({"log": {"level": "INFO"}}, "log.level: 'INFO' is not one of debug, info, warning, error"),
         ({"log": {"format": "text"}}, "log.format: 'text' is not one of json, logfmt"),
         (
-            {"prw": {"queue": {"mode": "hybrid"}}},
-            "prw.queue.mode: 'hybrid' is not one of memory, disk",
+            {"prw": {"queue": {"mode": "ram"}}},
+            "prw.queue.mode: 'ram' is not one of memory, disk, hybrid",
         ),
         (
             {"prw": {"queue": {"full_behavior": "drop"}}},
@@ -766,3 +768,13 @@ def test_disk_queue_dir_must_be_a_directory(tmp_path: Path) -> None:
     assert problems_of(data) == [f"prw.queue.dir: {a_file} exists and is not a directory"]
     ok = with_exporter(prw={"queue": {"mode": "disk", "dir": str(tmp_path / "new" / "q")}})
     assert config_from_dict(ok).prw.queue.mode == "disk"
+
+
+def test_hybrid_queue_refuses_durable_ack() -> None:
+    """durable_ack needs every batch on disk; the hybrid queue keeps some in memory, so the two
+    together are refused with a pointer to disk mode."""
+    data = with_exporter(prw={"queue": {"mode": "hybrid", "durable_ack": True, "dir": "/tmp/q"}})
+    assert problems_of(data) == [
+        "prw.queue.durable_ack: the hybrid queue's memory part is never fsynced; "
+        "use mode: disk for durable_ack"
+    ]

@@ -37,10 +37,10 @@ def reserved_port() -> socket.socket:
     return sock
 
 
-def disk_config(url: str, queue_dir: Path, **queue: object) -> Config:
+def disk_config(url: str, queue_dir: Path, mode: str = "disk", **queue: object) -> Config:
     return make_config(
         url,
-        queue={"mode": "disk", "dir": str(queue_dir), **queue},
+        queue={"mode": mode, "dir": str(queue_dir), **queue},
         exporter={"breaker": {"open_s": 0.05, "max_open_s": 0.1}},
         shutdown_grace_s=0.3,
     )
@@ -50,17 +50,19 @@ async def run_app(app: App, nursery: trio.Nursery) -> Addresses:
     return await nursery.start(app.run)
 
 
+@pytest.mark.parametrize("mode", ["disk", "hybrid"])
 async def test_undelivered_data_survives_a_stop_and_is_delivered_after_restart(
-    tmp_path: Path,
+    tmp_path: Path, mode: str
 ) -> None:
     """With the backend down, acknowledged samples stay queued; the stop reports them as kept on
-    disk (not dropped); after a restart with the backend up, every series arrives exactly once."""
+    disk (not dropped; the hybrid queue moves its memory part to disk); after a restart with the
+    backend up, every series arrives exactly once."""
     hold = reserved_port()
     port = hold.getsockname()[1]
     url = f"http://127.0.0.1:{port}/api/v1/write"
     sent: list[SeriesKey] = []
 
-    app = App(disk_config(url, tmp_path))
+    app = App(disk_config(url, tmp_path, mode))
     async with trio.open_nursery() as nursery:
         addrs = await run_app(app, nursery)
         write_url = f"http://{addrs.prw[0]}:{addrs.prw[1]}/api/v1/write"
@@ -85,7 +87,7 @@ async def test_undelivered_data_survives_a_stop_and_is_delivered_after_restart(
         await nursery.start(
             serve_http, backend, hypercorn_config(f"127.0.0.1:{port}"), stop_backend.wait
         )
-        again = App(disk_config(url, tmp_path))
+        again = App(disk_config(url, tmp_path, mode))
         with trio.fail_after(DEADLINE_S):
             async with trio.open_nursery() as app_nursery:
                 await run_app(again, app_nursery)

@@ -99,7 +99,8 @@ class PRWExporter:
             lbl,
             lambda: self.queue.statistics().in_flight,
         )
-        if hasattr(self.queue.statistics(), "corrupt_records"):  # a disk queue
+        disk = getattr(self.queue, "disk", self.queue)  # a hybrid queue's disk part
+        if hasattr(disk.statistics(), "corrupt_records"):  # a disk queue
             for field, name, doc in (
                 (
                     "corrupt_records",

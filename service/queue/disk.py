@@ -349,6 +349,23 @@ class DiskQueue:
         else:
             await trio.lowlevel.cancel_shielded_checkpoint()
 
+    def spill(self, batch: Batch) -> bool:
+        """Append `batch` whatever the limits and even after close(): for a hybrid queue moving
+        its memory part here at a stop, data already acknowledged that must not be lost. Not
+        fsynced here (aclose() does it). False if the write failed (logged and counted)."""
+        record = segments.encode_record(batch)
+        try:
+            offset, seg = self._append(record)
+        except OSError as e:
+            self._write_failed(batch, e)
+            return False
+        rec = _Rec(offset, len(record), batch.size, batch.datapoints, seg)
+        self._waiting.append(rec)
+        self._used += rec.length
+        self._waiting_bytes += rec.size
+        self._waiting_datapoints += rec.datapoints
+        return True
+
     def _full(self, incoming: int) -> bool:
         if not self._waiting and not self._taken:
             return False  # a batch larger than max_bytes still goes through, alone

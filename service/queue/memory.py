@@ -87,6 +87,16 @@ class MemoryQueue:
     def ack(self, batch: Batch) -> None:
         del self._in_flight[id(batch)]
 
+    def take_all(self) -> list[Batch]:
+        """Remove and return every batch, in flight first (oldest), then waiting, in order: for a
+        hybrid queue moving its memory part to disk at a stop."""
+        batches = [*self._in_flight.values(), *self._items]
+        self._in_flight.clear()
+        self._items.clear()
+        self._bytes = self._datapoints = 0
+        self._putters.unpark_all()
+        return batches
+
     def close(self) -> None:
         self._closed = True
         self._getters.unpark_all()

@@ -1,0 +1,540 @@
+"""Crash tests for the disk queue: governor runs as a real process, is killed with SIGKILL at random
+moments while clients write to it, restarts on the same queue directory, and at the end delivers to
+a live backend. Nothing governor acknowledged with a 204 may be missing there.
+
+Real processes, real sockets on 127.0.0.1, real files, `os.kill(pid, SIGKILL)`. Some kills are
+aimed: the test watches /proc/<pid>/task/*/syscall and kills while a thread of governor is inside
+fsync (or write) on a file of the queue. Every case prints its seed; GOVERNOR_CRASH_SEED=<n>
+replays one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import attrs
+import cramjam
+import httpx
+import pytest
+import trio
+import yaml
+
+from service._proto.prometheus.remote_pb2 import WriteRequest
+from service.queue import segments
+from service.receivers.http import hypercorn_config, serve_http
+from tests.test_disk_mode import reserved_port
+from tests.test_receiver_prw import PRW_HEADERS, snappy
+
+WRITERS = 6
+SAMPLES_PER_REQUEST = 20
+KILLS_PER_CASE = 5
+# Kill i uses STRATEGIES[i % 3]: after a random delay; inside an fsync; inside a segment write.
+STRATEGIES = ("random", "fsync", "write")
+BASE_MS = 1_700_000_000_000  # sample n of a writer has value n and timestamp BASE_MS + n
+SEGMENT_BYTES = 8 * 1024  # a batch is ~1 KiB: segments roll (and get deleted) within one life
+START_DEADLINE_S = 10.0
+DELIVERY_DEADLINE_S = 20.0
+CASE_DEADLINE_S = 50.0
+# x86_64 syscall numbers, as /proc/<pid>/task/<tid>/syscall shows them.
+SYSCALLS = {1: "write", 74: "fsync", 75: "fdatasync"}
+TORN = ("torn header", "torn record")
+
+Seqs = dict[str, set[int]]  # writer -> sequence numbers
+
+
+@attrs.frozen
+class Case:
+    id: str
+    durable_ack: bool
+    sync_interval_s: float
+    backend_live: bool  # up during the kills too (acks, segment deletion, metadata moving on)
+    seed: int
+
+
+CASES = [
+    # durable_ack false (the default): written at once, fsynced every sync_interval_s. A short
+    # interval puts many fsyncs and metadata replacements inside the short lives of the process.
+    Case("default-dead-backend", False, 0.05, False, 1101),
+    Case("default-live-backend", False, 1.0, True, 2202),
+    Case("durable-dead-backend", True, 1.0, False, 3303),
+    Case("durable-live-backend", True, 1.0, True, 4404),
+]
+
+
+# ---- the data ---------------------------------------------------------------------------------
+
+
+def numbered_request(writer: str, first: int) -> bytes:
+    """A snappy WriteRequest: samples first..first+SAMPLES_PER_REQUEST-1 of `writer`'s series."""
+    req = WriteRequest()
+    ts = req.timeseries.add()
+    ts.labels.add(name="__name__", value="crash_seq")
+    ts.labels.add(name="writer", value=writer)
+    for n in range(first, first + SAMPLES_PER_REQUEST):
+        ts.samples.add(value=float(n), timestamp=BASE_MS + n)
+    return snappy(req.SerializeToString())
+
+
+def decode_entries(raw: bytes) -> list[tuple[str, list[int]]]:
+    """(writer, sequence numbers) of every series in a serialized WriteRequest, in order. A sample
+    whose timestamp does not match its value, or a series that is not ours, fails the test."""
+    entries = []
+    for ts in WriteRequest.FromString(raw).timeseries:
+        labels = {label.name: label.value for label in ts.labels}
+        assert labels.keys() == {"__name__", "writer"} and labels["__name__"] == "crash_seq"
+        seqs = [int(s.value) for s in ts.samples]
+        assert [s.timestamp for s in ts.samples] == [BASE_MS + n for n in seqs]
+        entries.append((labels["writer"], seqs))
+    return entries
+
+
+class SeqBackend:
+    """An ASGI remote-write backend: records every request's (writer, sequence numbers) entries,
+    one list per request, and answers 204."""
+
+    def __init__(self) -> None:
+        self.requests: list[list[tuple[str, list[int]]]] = []
+        self._changed = trio.Event()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                done = message["type"] == "lifespan.shutdown"
+                await send({"type": message["type"] + ".complete"})
+                if done:
+                    return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        self.requests.append(decode_entries(bytes(cramjam.snappy.decompress_raw(body))))
+        self._changed.set()
+        self._changed = trio.Event()
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        """Wait until `predicate()` holds, at most DELIVERY_DEADLINE_S (the caller asserts)."""
+        with trio.move_on_after(DELIVERY_DEADLINE_S):
+            while not predicate():
+                await self._changed.wait()
+
+    def delivered(self) -> Seqs:
+        out: Seqs = {}
+        for entries in self.requests:
+            for writer, seqs in entries:
+                out.setdefault(writer, set()).update(seqs)
+        return out
+
+    def samples(self) -> int:
+        return sum(len(seqs) for entries in self.requests for _, seqs in entries)
+
+
+def missing(acked: Seqs, *found: Seqs) -> dict[str, list[int]]:
+    """Acknowledged sequence numbers in none of `found`, per writer (empty writers left out)."""
+    out = {}
+    for writer, seqs in acked.items():
+        lost = seqs.difference(*(f.get(writer, set()) for f in found))
+        if lost:
+            out[writer] = sorted(lost)
+    return out
+
+
+# ---- the clients ------------------------------------------------------------------------------
+
+
+class Writers:
+    """WRITERS concurrent remote-write clients. Each sends its next SAMPLES_PER_REQUEST samples
+    and moves on only after a 204; any other outcome (refused, reset, 429) sends the same request
+    again, as Prometheus does. `url` is the live governor's, None between lives."""
+
+    def __init__(self) -> None:
+        self.next = {f"w{i}": 0 for i in range(WRITERS)}  # first sequence number not acked
+        self.url: str | None = None
+        self.in_flight = 0
+        self.failed = 0  # requests that got no answer (the process died, or was not there)
+        self._stopping = False
+        self._done = trio.Event()
+
+    def acked(self) -> Seqs:
+        return {w: set(range(n)) for w, n in self.next.items()}
+
+    def attempted(self) -> Seqs:
+        """Everything a writer ever sent: what was acked and its one request in flight."""
+        return {w: set(range(n + SAMPLES_PER_REQUEST)) for w, n in self.next.items()}
+
+    async def run(self, client: httpx.AsyncClient) -> None:
+        """Until stop() (the test's deadline bounds it)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                for writer in self.next:
+                    nursery.start_soon(self._write, client, writer)
+        finally:
+            self._done.set()
+
+    async def stop(self) -> None:
+        """Let every writer finish its request and wait until they are gone. Called with no
+        governor running, so those requests fail at once (and are not acked); cancelling them
+        instead would leave httpx's request streams to the garbage collector."""
+        self._stopping = True
+        await self._done.wait()
+
+    async def _write(self, client: httpx.AsyncClient, writer: str) -> None:
+        while not self._stopping:
+            url = self.url
+            if url is None:
+                await trio.sleep(0.005)
+                continue
+            first = self.next[writer]
+            self.in_flight += 1
+            try:
+                resp = await client.post(
+                    url, content=numbered_request(writer, first), headers=PRW_HEADERS
+                )
+            except httpx.TransportError:
+                self.failed += 1
+                await trio.sleep(0.005)
+                continue
+            finally:
+                self.in_flight -= 1
+            if resp.status_code == 204:
+                self.next[writer] = first + SAMPLES_PER_REQUEST
+            else:
+                assert resp.status_code == 429, (resp.status_code, resp.text)
+                await trio.sleep(0.01)
+
+
+# ---- governor as a process --------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@attrs.frozen
+class Process:
+    proc: subprocess.Popen
+    write_url: str
+
+
+@contextlib.asynccontextmanager
+async def governor(
+    case: Case, queue_dir: Path, backend_url: str, log_path: Path, client: httpx.AsyncClient
+) -> AsyncIterator[Process]:
+    """A governor process, ready (/ready answered 200); killed on exit if still running. Ports
+    are picked free (bind 0, close); a start that lost one of them to another process is retried."""
+    for _attempt in range(3):
+        tel, prw = free_port(), free_port()
+        config = log_path.with_suffix(".yaml")
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "log": {"level": "warning"},
+                    "telemetry": {"listen": f"127.0.0.1:{tel}"},
+                    "shutdown_grace_s": 5.0,
+                    "prw": {
+                        "receiver": {"listen": f"127.0.0.1:{prw}"},
+                        "batch": {"interval_s": 0.05},
+                        "queue": {
+                            "mode": "disk",
+                            "dir": str(queue_dir),
+                            "segment_bytes": SEGMENT_BYTES,
+                            "durable_ack": case.durable_ack,
+                            "sync_interval_s": case.sync_interval_s,
+                        },
+                        "exporters": [
+                            {
+                                "url": backend_url,
+                                "name": "backend",
+                                "retry": {"initial_delay_s": 0.01, "max_delay_s": 0.1},
+                                "breaker": {"open_s": 0.05, "max_open_s": 0.1},
+                            }
+                        ],
+                    },
+                }
+            )
+        )
+        with (
+            log_path.open("ab") as log,
+            # Popen only forks; the one blocking wait, after SIGKILL, returns at once.
+            subprocess.Popen(  # noqa: ASYNC220
+                [sys.executable, "-m", "service", "--config", str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            ) as proc,
+        ):
+            try:
+                end = time.monotonic() + START_DEADLINE_S
+                while proc.poll() is None:
+                    if time.monotonic() >= end:
+                        text = await trio.Path(log_path).read_text()
+                        pytest.fail(f"governor not ready after {START_DEADLINE_S} s: {text}")
+                    with contextlib.suppress(httpx.TransportError):
+                        resp = await client.get(f"http://127.0.0.1:{tel}/ready")
+                        if resp.status_code == 200:
+                            break
+                    await trio.sleep(0.02)
+                if proc.poll() is None:
+                    yield Process(proc, f"http://127.0.0.1:{prw}/api/v1/write")
+                    return
+                text = await trio.Path(log_path).read_text()
+                assert "address already in use" in text.lower(), f"governor exited: {text}"
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait(timeout=START_DEADLINE_S)
+    pytest.fail("no free ports for governor after 3 attempts")
+
+
+def disk_syscalls(pid: int, queue_dir: Path) -> list[str]:
+    """What the threads of `pid` are doing on the queue's files right now, e.g. 'fsync segment'.
+    Best effort: a thread may leave its syscall before the caller acts on the answer."""
+    out = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                fields = f.read().split()
+        except OSError:
+            continue
+        if len(fields) < 2 or not fields[0].isdigit() or int(fields[0]) not in SYSCALLS:
+            continue  # "running", or a syscall that is not about files
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{int(fields[1], 16)}")
+        except OSError:
+            continue
+        if not target.startswith(str(queue_dir)):
+            continue  # stderr, sockets
+        name = os.path.basename(target)
+        kind = "segment" if name.endswith(".seg") else name if "." in name else "directory"
+        out.append(f"{SYSCALLS[int(fields[0])]} {kind}")
+    return out
+
+
+def kill_when(pid: int, queue_dir: Path, want: tuple[str, ...], budget_s: float) -> str:
+    """SIGKILL `pid` as soon as one of its threads is in a syscall named in `want` on the queue's
+    files (at once if `want` is empty; after `budget_s` anyway). Returns what it saw then."""
+    end = time.monotonic() + budget_s
+    for _ in range(1_000_000):
+        seen = disk_syscalls(pid, queue_dir)
+        if not want or any(s.split()[0] in want for s in seen) or time.monotonic() >= end:
+            break
+    else:
+        seen = []
+    os.kill(pid, signal.SIGKILL)
+    return ", ".join(seen) or "no disk syscall"
+
+
+@attrs.frozen
+class Kill:
+    strategy: str
+    after_s: float  # since /ready
+    seen: str  # the queue syscalls of the process just before the kill
+    in_flight: int  # client requests waiting for an answer
+
+
+# ---- what the process left behind ------------------------------------------------------------
+
+
+@attrs.frozen
+class DiskContents:
+    queued: Seqs  # samples in records from the reader position on: to be delivered
+    torn_tails: int
+    other_damage: list[str]
+    reader_offset: int
+    writer_offset: int
+
+
+def read_queue(queue_dir: Path) -> DiskContents:
+    """Scan the exporter's queue directory the way recovery does, without a DiskQueue."""
+    [exporter_dir] = [p for p in queue_dir.iterdir() if p.is_dir()]
+    meta_path = exporter_dir / segments.META_NAME
+    seg_paths = sorted(exporter_dir.glob("*" + segments.SEGMENT_SUFFIX))
+    starts = [segments.parse_segment_name(p.name) for p in seg_paths]
+    if meta_path.exists():
+        meta = segments.decode_meta(meta_path.read_bytes())
+        reader, writer = meta.reader_offset, meta.writer_offset
+    else:  # recovery rebuilds it: everything in the segments is delivered again
+        reader, writer = (starts[0] if starts else 0), 0
+    queued: Seqs = {}
+    torn, other = 0, []
+    for path, start in zip(seg_paths, starts):
+        data = path.read_bytes()
+        if start + len(data) <= reader:
+            continue
+        records, damage = segments.scan(data, max(reader - start, 0))
+        for d in damage:
+            if d.reason in TORN and d.position + d.length == len(data):
+                torn += 1
+            else:
+                other.append(f"{path.name}@{d.position}: {d.reason} ({d.length} bytes)")
+        for r in records:
+            batch = segments.decode_record(data[r.position : r.position + r.length])
+            raw = bytes(cramjam.snappy.decompress_raw(batch.payload))
+            for w, seqs in decode_entries(raw):
+                queued.setdefault(w, set()).update(seqs)
+    return DiskContents(queued, torn, other, reader, writer)
+
+
+def queue_log_lines(log_paths: list[Path]) -> tuple[list[dict], list[str]]:
+    """Every log record of the governor processes as dicts, and the lines that are not JSON."""
+    records, garbage = [], []
+    for path in log_paths:
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                garbage.append(line)
+    return records, garbage
+
+
+# ---- the test ---------------------------------------------------------------------------------
+
+
+def case_seed(case: Case) -> int:
+    return int(os.environ.get("GOVERNOR_CRASH_SEED", case.seed))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+async def test_kill_9_loses_no_acknowledged_sample(case: Case, tmp_path: Path) -> None:
+    """WRITERS clients send numbered samples to a governor with a disk queue; it is killed with
+    SIGKILL KILLS_PER_CASE times (after a random delay, or while it is inside an fsync or a write
+    on the queue's files) and restarted on the same directory. Then a governor with the backend up
+    delivers the queue and stops cleanly. Asserted:
+
+    - after the kills, every acknowledged sample is in a record from the saved reader position on
+      (to be delivered) or already at the backend; the only damage is a torn tail of a segment,
+      and governor logged nothing else about the queue (no lost metadata, no corrupt record);
+    - at the end every acknowledged sample arrived, with durable_ack and without it: a kill keeps
+      the page cache, so the default mode must lose nothing here either (only a power loss, not
+      tested here, may cost it up to sync_interval_s of acknowledged samples);
+    - nothing arrived that was never sent, and within each request a writer's samples are one
+      in-order run of one request it sent (a writer appears at most once per batch: its next
+      request is sent only after the 204, i.e. after the batch holding this one was queued);
+    - duplicates (at least once) are counted and printed, not limited; the queue ends empty.
+    """
+    seed = case_seed(case)
+    rng = random.Random(seed)
+    print(f"\n{case.id}: seed {seed} (replay with GOVERNOR_CRASH_SEED={seed})")
+    started = time.monotonic()
+    queue_dir = tmp_path / "queue"
+    hold = reserved_port()  # connections to the backend's port are refused until it is up
+    backend_port = hold.getsockname()[1]
+    backend_url = f"http://127.0.0.1:{backend_port}/api/v1/write"
+    backend = SeqBackend()
+    writers = Writers()
+    kills: list[Kill] = []
+    logs: list[Path] = []
+    try:
+        with trio.fail_after(CASE_DEADLINE_S):
+            async with (
+                httpx.AsyncClient(timeout=START_DEADLINE_S) as client,
+                trio.open_nursery() as nursery,
+            ):
+                backend_stop = trio.Event()
+
+                async def start_backend() -> None:
+                    hold.close()
+                    await nursery.start(
+                        serve_http,
+                        backend,
+                        hypercorn_config(f"127.0.0.1:{backend_port}"),
+                        backend_stop.wait,
+                    )
+
+                if case.backend_live:
+                    await start_backend()
+                nursery.start_soon(writers.run, client)
+                for i in range(KILLS_PER_CASE):
+                    logs.append(tmp_path / f"governor-{i}.log")
+                    async with governor(case, queue_dir, backend_url, logs[-1], client) as gov:
+                        writers.url = gov.write_url
+                        ready = time.monotonic()
+                        strategy = STRATEGIES[i % len(STRATEGIES)]
+                        if strategy == "random":
+                            await trio.sleep(rng.uniform(0.05, 0.8))
+                            want: tuple[str, ...] = ()
+                        else:
+                            await trio.sleep(rng.uniform(0.05, 0.3))
+                            want = ("fsync", "fdatasync") if strategy == "fsync" else ("write",)
+                        in_flight = writers.in_flight
+                        seen = await trio.to_thread.run_sync(
+                            kill_when, gov.proc.pid, queue_dir, want, 1.0
+                        )
+                        kills.append(Kill(strategy, time.monotonic() - ready, seen, in_flight))
+                        writers.url = None
+                        assert gov.proc.wait(timeout=START_DEADLINE_S) == -signal.SIGKILL
+                await writers.stop()
+
+                acked = writers.acked()
+                on_disk = read_queue(queue_dir)
+                assert missing(acked, on_disk.queued, backend.delivered()) == {}
+                assert on_disk.other_damage == []
+
+                if not case.backend_live:
+                    await start_backend()
+                logs.append(tmp_path / "governor-final.log")
+                async with governor(case, queue_dir, backend_url, logs[-1], client) as gov:
+                    await backend.wait_for(lambda: not missing(acked, backend.delivered()))
+                    gov.proc.send_signal(signal.SIGTERM)  # drains the rest, then exits
+                    wait = functools.partial(gov.proc.wait, timeout=START_DEADLINE_S)
+                    assert await trio.to_thread.run_sync(wait) == 0
+                backend_stop.set()
+    finally:
+        hold.close()
+
+    delivered = backend.delivered()
+    duplicates = backend.samples() - sum(len(s) for s in delivered.values())
+    acked_total = sum(len(s) for s in acked.values())
+    summary = Counter(k.seen for k in kills)
+    print(
+        f"{case.id}: {len(kills)} kills in {time.monotonic() - started:.1f} s, "
+        f"acked {acked_total} samples, delivered {backend.samples()} in "
+        f"{len(backend.requests)} requests, duplicates {duplicates}, "
+        f"torn tails {on_disk.torn_tails}, unanswered requests {writers.failed}"
+    )
+    for k in kills:
+        print(f"  kill {k.strategy:6} after {k.after_s:.2f} s, {k.in_flight} in flight: {k.seen}")
+    print(f"  seen at kills: {dict(summary)}")
+
+    assert missing(acked, delivered) == {}
+    assert missing(delivered, writers.attempted()) == {}
+    for entries in backend.requests:
+        writers_in_request = [w for w, _ in entries]
+        assert len(writers_in_request) == len(set(writers_in_request)), entries
+        for _, seqs in entries:
+            first = seqs[0]
+            assert first % SAMPLES_PER_REQUEST == 0
+            assert seqs == list(range(first, first + SAMPLES_PER_REQUEST))
+    assert duplicates >= 0
+
+    records, garbage = queue_log_lines(logs)
+    assert garbage == []
+    queue_warnings = [r for r in records if r["logger"] == "governor.queue.disk"]
+    assert [r for r in queue_warnings if r.get("reason") not in TORN] == []
+    assert [r for r in records if r["level"] == "error"] == []
+
+    left = read_queue(queue_dir)
+    assert left.queued == {}
+    assert left.reader_offset == left.writer_offset
