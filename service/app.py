@@ -103,6 +103,13 @@ class App:
                 exp_cfg, q, metrics=self.metrics, log_interval_s=cfg.log.rate_limit_interval_s
             )
             q.on_drop = exporter.count_queue_drop
+            disk = getattr(q, "disk", q)
+            if isinstance(disk, DiskQueue):
+                self.health.checks.append(
+                    lambda d=disk, n=exporter.name: (
+                        f"queue of {n} cannot write: {d.write_failing}" if d.write_failing else ""
+                    )
+                )
             queues.append(q)
             self.exporters.append(exporter)
         budget = ByteBudget(pcfg.receiver.ingest_max_bytes)

@@ -158,6 +158,23 @@ def missing(acked: Seqs, *found: Seqs) -> dict[str, list[int]]:
 # ---- the clients ------------------------------------------------------------------------------
 
 
+class Body(httpx.AsyncByteStream):
+    """A request body in one piece. httpx's own streams are async generators, which a
+    connection reset mid-send leaves to the garbage collector, and trio then warns."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data: bytes | None = data
+
+    def __aiter__(self) -> Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        data, self.data = self.data, None
+        if data is None:
+            raise StopAsyncIteration
+        return data
+
+
 class Writers:
     """WRITERS concurrent remote-write clients. Each sends its next SAMPLES_PER_REQUEST samples
     and moves on only after a 204; any other outcome (refused, reset, 429) sends the same request
@@ -201,11 +218,12 @@ class Writers:
                 await trio.sleep(0.005)
                 continue
             first = self.next[writer]
+            body = numbered_request(writer, first)
+            request = client.build_request("POST", url, content=body, headers=PRW_HEADERS)
+            request.stream = Body(body)  # sent as it is, with the content-length of `content`
             self.in_flight += 1
             try:
-                resp = await client.post(
-                    url, content=numbered_request(writer, first), headers=PRW_HEADERS
-                )
+                resp = await client.send(request)
             except httpx.TransportError:
                 self.failed += 1
                 await trio.sleep(0.005)
@@ -352,6 +370,7 @@ class Kill:
     after_s: float  # since /ready
     seen: str  # the queue syscalls of the process just before the kill
     in_flight: int  # client requests waiting for an answer
+    acked: int  # samples acknowledged so far, over all lives
 
 
 # ---- what the process left behind ------------------------------------------------------------
@@ -482,7 +501,10 @@ async def test_kill_9_loses_no_acknowledged_sample(case: Case, tmp_path: Path) -
                         seen = await trio.to_thread.run_sync(
                             kill_when, gov.proc.pid, queue_dir, want, 1.0
                         )
-                        kills.append(Kill(strategy, time.monotonic() - ready, seen, in_flight))
+                        acked_now = sum(writers.next.values())
+                        kills.append(
+                            Kill(strategy, time.monotonic() - ready, seen, in_flight, acked_now)
+                        )
                         writers.url = None
                         assert gov.proc.wait(timeout=START_DEADLINE_S) == -signal.SIGKILL
                 await writers.stop()
@@ -515,9 +537,13 @@ async def test_kill_9_loses_no_acknowledged_sample(case: Case, tmp_path: Path) -
         f"torn tails {on_disk.torn_tails}, unanswered requests {writers.failed}"
     )
     for k in kills:
-        print(f"  kill {k.strategy:6} after {k.after_s:.2f} s, {k.in_flight} in flight: {k.seen}")
+        print(
+            f"  kill {k.strategy:6} after {k.after_s:.2f} s, {k.in_flight} in flight, "
+            f"{k.acked} acked so far: {k.seen}"
+        )
     print(f"  seen at kills: {dict(summary)}")
 
+    assert all(n > 0 for n in writers.next.values()), writers.next  # the test did write
     assert missing(acked, delivered) == {}
     assert missing(delivered, writers.attempted()) == {}
     for entries in backend.requests:

@@ -206,3 +206,35 @@ async def test_disk_queue_metrics_are_exported(tmp_path: Path) -> None:
             assert value(f"governor_queue_{name}_total", labels) == 0
         app.shutdown()
     hold.close()
+
+
+async def test_ready_reports_a_queue_that_cannot_write_until_it_can(tmp_path: Path) -> None:
+    """While the disk queue's last write failed, /ready answers 503 "degraded" naming the
+    exporter and the error; once a write succeeds again, /ready is 200 "ready" again."""
+    hold = reserved_port()
+    url = f"http://127.0.0.1:{hold.getsockname()[1]}/api/v1/write"
+    app = App(disk_config(url, tmp_path))
+    async with trio.open_nursery() as nursery:
+        addrs = await run_app(app, nursery)
+        ready_url = f"http://{addrs.telemetry[0]}:{addrs.telemetry[1]}/ready"
+        disk = app.exporters[0].queue
+        async with httpx.AsyncClient(timeout=DEADLINE_S) as client:
+            assert (await client.get(ready_url)).json() == {"status": "ready"}
+            disk.write_failing = "[Errno 28] No space left on device"  # as a failed write sets it
+            resp = await client.get(ready_url)
+            assert resp.status_code == 503
+            assert resp.json() == {
+                "status": "degraded",
+                "problems": ["queue of backend cannot write: [Errno 28] No space left on device"],
+            }
+            req = write_request("after-enospc", n_series=1, n_samples=1)
+            ok = await client.post(
+                f"http://{addrs.prw[0]}:{addrs.prw[1]}/api/v1/write",
+                content=snappy(req.SerializeToString()),
+                headers=PRW_HEADERS,
+            )
+            assert ok.status_code == 204  # this batch was written: the queue recovered
+            resp = await client.get(ready_url)
+            assert (resp.status_code, resp.json()) == (200, {"status": "ready"})
+        app.shutdown()
+    hold.close()

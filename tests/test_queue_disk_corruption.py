@@ -370,9 +370,11 @@ async def test_an_unwritable_segment_path_drops_and_counts(tmp_path: Path) -> No
     assert (stats.dropped_batches, stats.dropped_datapoints) == (2, 2)
     assert failed.batches == BATCHES[:2]
     assert dropped.batches == []
+    assert q.write_failing.startswith("[Errno 21] Is a directory")  # what /ready reports
     (tmp_path / SEG0).rmdir()
     await q.put(BATCHES[2])
     assert q.statistics().write_errors == 2
+    assert q.write_failing == ""
     await q.aclose()
     q, got = await reopen_and_drain(tmp_path)
     assert got == [BATCHES[2]]

@@ -192,6 +192,8 @@ class DiskQueue:
         self._dropped_datapoints = 0
         self._corrupt = 0
         self._write_errors = 0
+        # The error of the last write if it failed, "" once a write succeeds again: /ready shows it.
+        self.write_failing = ""
         self._write_error_datapoints = 0
         self._sync_errors = 0
         self._fsyncs = 0
@@ -333,6 +335,7 @@ class DiskQueue:
                 return
         try:
             offset, seg = self._append(record)
+            self.write_failing = ""
         except OSError as e:
             self._write_failed(batch, e)
             await trio.lowlevel.cancel_shielded_checkpoint()
@@ -356,6 +359,7 @@ class DiskQueue:
         record = segments.encode_record(batch)
         try:
             offset, seg = self._append(record)
+            self.write_failing = ""
         except OSError as e:
             self._write_failed(batch, e)
             return False
@@ -447,6 +451,7 @@ class DiskQueue:
             self._roll()
 
     def _write_failed(self, batch: Batch, e: OSError) -> None:
+        self.write_failing = str(e)
         self._write_errors += 1
         self._write_error_datapoints += batch.datapoints
         self._dropped_batches += 1

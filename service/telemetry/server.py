@@ -38,8 +38,11 @@ class TelemetryApp:
         elif path == "/live":
             await respond(send, 200, json.dumps({"status": "live"}).encode(), _JSON)
         elif path == "/ready":
-            status = 200 if self.health.ready else 503
-            body = json.dumps({"status": self.health.state}).encode()
-            await respond(send, status, body, _JSON)
+            problems = self.health.problems() if self.health.ready else []
+            status = 200 if self.health.ready and not problems else 503
+            answer: dict[str, object] = {"status": "degraded" if problems else self.health.state}
+            if problems:
+                answer["problems"] = problems
+            await respond(send, status, json.dumps(answer).encode(), _JSON)
         else:
             await respond(send, 200, b"governor: /metrics /live /ready\n")
