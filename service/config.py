@@ -123,7 +123,8 @@ class QueueConfig:
     max_batches: int = attrs.field(default=10_000, validator=_positive)
     # Compressed payload bytes: in RAM (memory mode) or on disk per exporter (disk mode).
     max_bytes: int = attrs.field(default=256 * MiB, validator=_positive)
-    full_behavior: Literal["block", "drop_oldest", "drop_newest"] = "block"
+    # drop_oldest (like vmagent): a slow or dead backend loses its oldest data, not the others.
+    full_behavior: Literal["block", "drop_oldest", "drop_newest"] = "drop_oldest"
     # Disk mode: one subdirectory per exporter under this (systemd's StateDirectory).
     dir: str = "/var/lib/governor/queue"
     segment_bytes: int = attrs.field(default=64 * MiB, validator=_positive)

@@ -314,7 +314,7 @@ async def test_cancelled_batcher_still_closes_its_queues(
 async def test_a_full_queue_holds_the_batcher_back(autojump_clock: trio.testing.MockClock) -> None:
     """With a blocking queue full, a flush waits until a get makes room, and meanwhile the
     batcher takes no new input (backpressure reaches the sender); nothing is lost."""
-    q = MemoryQueue(QueueConfig(max_batches=1), lambda b: None)
+    q = MemoryQueue(QueueConfig(max_batches=1, full_behavior="block"), lambda b: None)
     batcher = Batcher(BatchConfig(max_series=1), [q], metrics=Metrics())
     tx, rx = trio.open_memory_channel[Ingested](0)
     sent: list[float] = []
@@ -348,7 +348,7 @@ async def test_lost_datapoints_during_a_blocked_fan_out(
     """While a flush waits on the second of two queues, only that queue (and any after it) would
     lose the batch on a hard stop; the open batch counts for every queue."""
     q0 = MemoryQueue(QueueConfig(), lambda b: None)
-    q1 = MemoryQueue(QueueConfig(max_batches=1), lambda b: None)
+    q1 = MemoryQueue(QueueConfig(max_batches=1, full_behavior="block"), lambda b: None)
     await q1.put(Batch(b"x", "snappy", 1, 1, 1))  # q1 is full
     batcher = Batcher(BatchConfig(max_series=2), [q0, q1], metrics=Metrics())
     tx, rx = trio.open_memory_channel[Ingested](1)

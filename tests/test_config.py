@@ -84,7 +84,7 @@ def test_one_exporter_is_enough_and_everything_else_defaults() -> None:
         mode="memory",
         max_batches=10_000,
         max_bytes=256 * MiB,
-        full_behavior="block",
+        full_behavior="drop_oldest",
         dir="/var/lib/governor/queue",
         segment_bytes=64 * MiB,
         durable_ack=False,
