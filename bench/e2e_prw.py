@@ -23,7 +23,8 @@ time spent waiting for a CPU as busy, and without pinning the load generator, wo
 response, preempts governor often enough to skew the profile.
 
 Other knobs: --targets governor|vmagent, --series-per-request, --connections, --pin (proxy alone
-on the last CPU), --governor-env KEY=VALUE (experiments, e.g. GLIBC_TUNABLES).
+on the last CPU), --governor-env KEY=VALUE (experiments, e.g. GLIBC_TUNABLES),
+--max-concurrent-requests (governor's prw.receiver.max_concurrent_requests).
 
 Queue mode: --queue memory|disk (or memory,disk: both, alternating within each run) sets governor's
 prw.queue.mode; in disk mode prw.queue.dir is a directory in the measurement's temp dir, and
@@ -390,7 +391,12 @@ def summarise_profile(path: Path, fmt: str, top: int = 20) -> str:
 
 
 def governor_config(
-    tel_port: int, prw_port: int, vm_url: str, queue: str = "memory", queue_cfg: str = ""
+    tel_port: int,
+    prw_port: int,
+    vm_url: str,
+    queue: str = "memory",
+    queue_cfg: str = "",
+    receiver_cfg: str = "",
 ) -> str:
     return f"""\
 log:
@@ -400,7 +406,7 @@ telemetry:
   listen: "127.0.0.1:{tel_port}"
 prw:
   receiver:
-    listen: "127.0.0.1:{prw_port}"
+    listen: "127.0.0.1:{prw_port}"{receiver_cfg}
   queue:
     mode: {queue}{queue_cfg}
   exporters:
@@ -439,7 +445,12 @@ def run_load(variant: Variant, args: argparse.Namespace, run: int, procs: Procs,
             queue_cfg = (
                 f'\n    dir: "{tmp / "queue"}"\n    durable_ack: {str(variant.durable).lower()}'
             )
-        cfg.write_text(governor_config(tel_port, prw_port, vm_url, variant.queue, queue_cfg))
+        receiver_cfg = ""
+        if args.max_concurrent_requests:
+            receiver_cfg = f"\n    max_concurrent_requests: {args.max_concurrent_requests}"
+        cfg.write_text(
+            governor_config(tel_port, prw_port, vm_url, variant.queue, queue_cfg, receiver_cfg)
+        )
         proxy = procs.start(
             "governor",
             [PYTHON, "-m", "service", "--config", str(cfg)],
@@ -833,6 +844,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--durable-ack", action="store_true", help="disk mode: prw.queue.durable_ack: true"
     )
+    p.add_argument(
+        "--max-concurrent-requests",
+        type=int,
+        help="governor's prw.receiver.max_concurrent_requests (default: governor's own, 16)",
+    )
     p.add_argument("--json-out", type=Path, help="where to write the JSON results")
     args = p.parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -869,6 +885,12 @@ def main(argv: list[str] | None = None) -> int:
         f"service/, service sources sha256 {code['service_sha256']}"
         + (f"; governor env {args.governor_env}" if args.governor_env else "")
         + ("; pinned (--pin)" if args.pin else "")
+        + (f"; --connections {args.connections}" if args.connections != 8 else "")
+        + (
+            f"; prw.receiver.max_concurrent_requests {args.max_concurrent_requests}"
+            if args.max_concurrent_requests
+            else ""
+        )
     )
     OUT.mkdir(parents=True, exist_ok=True)
     out = args.json_out or OUT / f"e2e_prw_{started:%Y%m%dT%H%M%SZ}.json"
