@@ -474,3 +474,35 @@ async def _one_batch() -> tuple[Batch, list[str]]:
     batch = await q.get()
     assert batch is not None
     return batch, names_in(batch)
+
+
+async def test_waiting_clients_are_flushed_as_soon_as_nothing_more_is_ready(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Items whose senders wait for the queue (done events) are flushed as soon as no further
+    item is ready in the channel, not after interval_s: what arrived together goes out together
+    (group commit); items without done events still wait for the interval."""
+    q = queue()
+    batcher = Batcher(BatchConfig(interval_s=5.0), [q], metrics=Metrics())
+    tx, rx = trio.open_memory_channel[Ingested](10)
+    waiting = [attrs.evolve(item(n), done=trio.Event()) for n in "abc"]
+    got: list[tuple[float, list[str]]] = []
+
+    async def consume_all() -> None:
+        while (b := await q.get()) is not None:
+            got.append((trio.current_time(), names_in(b)))
+            q.ack(b)
+
+    async with trio.open_nursery() as nursery:
+        for it in waiting[:2]:
+            tx.send_nowait(it)  # both buffered before the batcher runs
+        nursery.start_soon(batcher.run, rx)
+        nursery.start_soon(consume_all)
+        await trio.sleep(1.0)
+        await tx.send(waiting[2])
+        await trio.sleep(1.0)
+        await tx.send(item("plain"))  # nobody waits on it: the interval applies
+        await trio.sleep(10.0)
+        await tx.aclose()
+    assert got == [(0.0, ["a", "b"]), (1.0, ["c"]), (7.0, ["plain"])]
+    assert all(it.done is not None and it.done.is_set() for it in waiting)

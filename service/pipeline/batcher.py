@@ -73,7 +73,13 @@ class Batcher:
                     if item.done is not None:
                         self._done.append(item.done)
                     self.pending_datapoints += item.datapoints
-                    if self._series >= self.cfg.max_series or self._bytes >= self.cfg.max_bytes:
+                    if (
+                        self._series >= self.cfg.max_series
+                        or self._bytes >= self.cfg.max_bytes
+                        or (self._done and not _more_coming(rx))
+                    ):
+                        # Clients waiting for the queue (disk mode) are answered as soon as
+                        # nothing more is ready to join their batch: group commit, not a timer.
                         await self.flush()
                         deadline = math.inf
                 await self.flush()
@@ -114,3 +120,9 @@ class Batcher:
         if self._flushing is not None and queue_index >= self._flushed_to:
             lost += self._flushing.datapoints
         return lost
+
+
+def _more_coming(rx: trio.MemoryReceiveChannel[Ingested]) -> bool:
+    """Whether another item is ready to be received right now."""
+    st = rx.statistics()
+    return st.current_buffer_used > 0 or st.tasks_waiting_send > 0

@@ -119,11 +119,20 @@ class PRWReceiver:
             if waited.cancelled_caught:
                 raise self._backpressure("too many requests in progress") from None
         try:
-            return await self._ingest(scope, receive, deadline)
+            counts, done = await self._ingest(scope, receive, deadline)
         finally:
+            # The slot bounds requests being read and decoded; once handed over, a request holds
+            # no memory of its own, so waiting for its batch below must not hold a slot.
             self._slots.release()
+        if done is not None:
+            # Answer only once the batch holding this request is in the (disk) queue. A hard stop
+            # cancels this wait: the client gets no answer and sends again (at least once).
+            await done.wait()
+        return counts
 
-    async def _ingest(self, scope: Scope, receive: Receive, deadline: float) -> prw.Counts | None:
+    async def _ingest(
+        self, scope: Scope, receive: Receive, deadline: float
+    ) -> tuple[prw.Counts | None, trio.Event | None]:
         body = await read_body(scope, receive, self.cfg.max_request_bytes)
         encoding = header(scope, b"content-encoding")
         try:
@@ -132,7 +141,7 @@ class PRWReceiver:
         except CodecError as e:
             raise rejection(e) from None
         if not counts.series:
-            return None
+            return None, None
         # Keep the snappy block the client sent (the batcher joins blocks without recompressing);
         # other encodings are converted once, here.
         block = (
@@ -164,11 +173,7 @@ class PRWReceiver:
         if not handed_over:
             raise self._backpressure("ingest queue is full")
         self._received.inc(counts.datapoints)
-        if done is not None:
-            # Answer only once the batch holding this request is in the (disk) queue. A hard stop
-            # cancels this wait: the client gets no answer and sends again (at least once).
-            await done.wait()
-        return counts
+        return counts, done
 
     def _backpressure(self, why: str) -> Rejected:
         return Rejected(429, "backpressure", f"{why}; retry later", self._retry_after)
