@@ -112,6 +112,10 @@ class BatchConfig:
     max_series: int = attrs.field(default=10_000, validator=_positive)
     max_bytes: int = attrs.field(default=4 * MiB, validator=_positive)  # uncompressed protobuf
     interval_s: float = attrs.field(default=1.0, validator=_positive)
+    # Disk and hybrid modes, where clients wait for their batch to be queued: once nothing more
+    # is ready, wait this long for other requests to join, then flush. Measured: 0 made one
+    # small batch (and one export request) per client request.
+    ack_linger_s: float = attrs.field(default=0.01, validator=_non_negative)
 
 
 @attrs.frozen

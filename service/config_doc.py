@@ -79,6 +79,10 @@ DESCRIPTIONS: dict[str, str] = {
     "becomes a batch of its own.",
     "prw.batch.interval_s": "Flush this many seconds after the first request entered the "
     "batch, however small it is.",
+    "prw.batch.ack_linger_s": "Disk and hybrid modes, where a client's answer waits until its "
+    "batch is in the queue: once no further request is ready, the batcher waits this long for "
+    "others to join, then flushes (group commit). 0 flushes at once: lowest latency, but one "
+    "small batch and export request per client request.",
     "prw.queue": "The queue in front of each exporter. Every exporter has its own queue with "
     "these limits; a batch is compressed once and shared by all queues.",
     "prw.queue.mode": "Where batches wait. `memory`: lost on a crash, and counted as dropped "

@@ -476,14 +476,14 @@ async def _one_batch() -> tuple[Batch, list[str]]:
     return batch, names_in(batch)
 
 
-async def test_waiting_clients_are_flushed_as_soon_as_nothing_more_is_ready(
+async def test_waiting_clients_are_flushed_ack_linger_s_after_nothing_more_is_ready(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """Items whose senders wait for the queue (done events) are flushed as soon as no further
-    item is ready in the channel, not after interval_s: what arrived together goes out together
-    (group commit); items without done events still wait for the interval."""
+    """Items whose senders wait for the queue (done events) are flushed ack_linger_s after no
+    further item is ready in the channel, not after interval_s: what arrives together goes out
+    together (group commit); items without done events still wait for the interval."""
     q = queue()
-    batcher = Batcher(BatchConfig(interval_s=5.0), [q], metrics=Metrics())
+    batcher = Batcher(BatchConfig(interval_s=5.0, ack_linger_s=0.5), [q], metrics=Metrics())
     tx, rx = trio.open_memory_channel[Ingested](10)
     waiting = [attrs.evolve(item(n), done=trio.Event()) for n in "abc"]
     got: list[tuple[float, list[str]]] = []
@@ -504,5 +504,5 @@ async def test_waiting_clients_are_flushed_as_soon_as_nothing_more_is_ready(
         await tx.send(item("plain"))  # nobody waits on it: the interval applies
         await trio.sleep(10.0)
         await tx.aclose()
-    assert got == [(0.0, ["a", "b"]), (1.0, ["c"]), (7.0, ["plain"])]
+    assert got == [(0.5, ["a", "b"]), (1.5, ["c"]), (7.0, ["plain"])]
     assert all(it.done is not None and it.done.is_set() for it in waiting)

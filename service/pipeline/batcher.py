@@ -73,15 +73,13 @@ class Batcher:
                     if item.done is not None:
                         self._done.append(item.done)
                     self.pending_datapoints += item.datapoints
-                    if (
-                        self._series >= self.cfg.max_series
-                        or self._bytes >= self.cfg.max_bytes
-                        or (self._done and not _more_coming(rx))
-                    ):
-                        # Clients waiting for the queue (disk mode) are answered as soon as
-                        # nothing more is ready to join their batch: group commit, not a timer.
+                    if self._series >= self.cfg.max_series or self._bytes >= self.cfg.max_bytes:
                         await self.flush()
                         deadline = math.inf
+                    elif self._done and not _more_coming(rx):
+                        # Clients wait for the queue (disk mode): give others ack_linger_s to
+                        # join the batch, then write it (group commit), not interval_s.
+                        deadline = min(deadline, trio.current_time() + self.cfg.ack_linger_s)
                 await self.flush()
         finally:
             for q in self.queues:
