@@ -79,7 +79,9 @@ def test_one_exporter_is_enough_and_everything_else_defaults() -> None:
         keep_alive_timeout_s=60.0,
         read_timeout_s=30.0,
     )
-    assert cfg.prw.batch == BatchConfig(max_series=10_000, max_bytes=4 * MiB, interval_s=1.0)
+    assert cfg.prw.batch == BatchConfig(
+        max_series=10_000, max_bytes=4 * MiB, interval_s=1.0, ack_linger_s=0.01
+    )
     assert cfg.prw.queue == QueueConfig(
         mode="memory",
         max_batches=10_000,
