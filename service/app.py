@@ -105,6 +105,7 @@ class App:
             q.on_drop = exporter.count_queue_drop
             disk = getattr(q, "disk", q)
             if isinstance(disk, DiskQueue):
+                disk.on_write_error = exporter.count_write_error
                 self.health.checks.append(
                     lambda d=disk, n=exporter.name: (
                         f"queue of {n} cannot write: {d.write_failing}" if d.write_failing else ""

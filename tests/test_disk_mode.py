@@ -15,6 +15,7 @@ import trio
 
 from service.app import Addresses, App
 from service.config import Config
+from service.pipeline.items import Batch
 from service.queue import QueueLockedError
 from service.receivers.http import hypercorn_config, serve_http
 from tests.test_receiver_prw import (
@@ -238,3 +239,26 @@ async def test_ready_reports_a_queue_that_cannot_write_until_it_can(tmp_path: Pa
             assert (resp.status_code, resp.json()) == (200, {"status": "ready"})
         app.shutdown()
     hold.close()
+
+
+async def test_write_errors_are_dropped_with_their_own_reason(tmp_path: Path) -> None:
+    """A batch the disk queue cannot write is counted as dropped with reason queue_write_error."""
+    hold = reserved_port()
+    url = f"http://127.0.0.1:{hold.getsockname()[1]}/api/v1/write"
+    app = App(disk_config(url, tmp_path))
+    async with trio.open_nursery() as nursery:
+        await run_app(app, nursery)
+        exporter = app.exporters[0]
+        disk = exporter.queue
+        assert disk.on_write_error == exporter.count_write_error
+        disk.on_write_error(_batch_of(7))
+        labels = {"pipeline": "prw", "exporter": "backend", "reason": "queue_write_error"}
+        assert (
+            app.metrics.registry.get_sample_value("governor_datapoints_dropped_total", labels) == 7
+        )
+        app.shutdown()
+    hold.close()
+
+
+def _batch_of(datapoints: int) -> Batch:
+    return Batch(payload=b"x", encoding="snappy", series=1, datapoints=datapoints, raw_bytes=1)

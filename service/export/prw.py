@@ -176,6 +176,10 @@ class PRWExporter:
         """The queue discarded `batch` because it was full (drop_oldest / drop_newest)."""
         self.drop(batch.datapoints, "queue_full")
 
+    def count_write_error(self, batch: Batch) -> None:
+        """The disk queue could not write `batch` (disk full, I/O error) and dropped it."""
+        self.drop(batch.datapoints, "queue_write_error")
+
     def settled_in_flight(self) -> int:
         """Datapoints of in-flight batches already delivered or dropped (halves of a split)."""
         return sum(self._settled.values())
