@@ -931,3 +931,34 @@ async def test_cancel_racing_with_a_put_never_loses_the_batch(tmp_path: Path) ->
             q.close()
             assert await drain(q) == [a]
     assert outcomes == {"returned", "cancelled"}  # both sides of the race were exercised
+
+
+async def test_consumed_segments_release_their_descriptors_at_the_next_sync(
+    tmp_path: Path,
+) -> None:
+    """A consumed segment's file is deleted at once, but its read descriptor (whose last close
+    frees the file's pages) is closed by the next sync, in a thread, also when nothing new was
+    written; after it no descriptor of a deleted segment is left open."""
+    q = DiskQueue(DiskQueueSettings(tmp_path, segment_bytes=200))
+    for n in range(6):
+        await q.put(batch(f"r{n}", size=120))  # one record per segment
+    while q.statistics().length:
+        b = await q.get()
+        assert b is not None
+        q.ack(b)
+
+    def deleted_fds() -> int:
+        """Open descriptors of this process pointing at deleted files under tmp_path."""
+        count = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except FileNotFoundError:  # the descriptor listdir itself used
+                continue
+            count += target.startswith(str(tmp_path)) and target.endswith("(deleted)")
+        return count
+
+    assert deleted_fds() > 0
+    await q.sync()
+    assert deleted_fds() == 0
+    await q.aclose()

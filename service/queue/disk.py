@@ -101,6 +101,11 @@ class QueueLockedError(RuntimeError):
         self.pid = pid
 
 
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
 async def _fsync_in_thread(fd: int) -> None:
     await trio.to_thread.run_sync(os.fsync, fd)
 
@@ -562,7 +567,9 @@ class DiskQueue:
 
     def _unlink(self, seg: _Segment) -> None:
         if seg.read_fd is not None:
-            os.close(seg.read_fd)
+            # Closed by the next sync round, in a thread: while a descriptor is open, unlinking
+            # is cheap, and the costly freeing of the file's pages leaves the event loop.
+            self._retired_fds.append(seg.read_fd)
             seg.read_fd = None
         try:
             seg.path.unlink(missing_ok=True)
@@ -579,6 +586,11 @@ class DiskQueue:
         with trio.CancelScope(shield=True):
             await self._sync_data(self._written)
             await self._write_meta()
+            if self._retired_fds and self._sync_done is None:
+                # Nothing new to fsync (a backlog draining, say): still close what consumed
+                # segments left open, so their space returns without waiting for a write.
+                closing, self._retired_fds = self._retired_fds, []
+                await trio.to_thread.run_sync(_close_all, closing)
 
     async def _sync_data(self, target: int) -> None:
         """Return once data up to stream offset `target` is fsynced (or its fsync failed, which
@@ -617,9 +629,11 @@ class DiskQueue:
             except OSError as e:
                 failed = e
                 self._dir_dirty = True
-        for fd in rolled + self._retired_fds:
-            os.close(fd)
-        self._retired_fds = []
+        # The last close of a deleted 64 MiB segment frees its pages: 13-29 ms measured, so
+        # it happens in a thread, not on the event loop.
+        closing, self._retired_fds = rolled + self._retired_fds, []
+        if closing:
+            await trio.to_thread.run_sync(_close_all, closing)
         self._synced = max(self._synced, upto)
         if failed is not None:
             # After a failed fsync the kernel may have dropped the pages: the batches stay queued
