@@ -129,12 +129,14 @@ DESCRIPTIONS: dict[str, str] = {
     "prw.exporters[].bearer_token": "Sent as `Authorization: Bearer <token>`. Prefer "
     "`bearer_token_file`. Not together with `bearer_token_file` or `basic_auth`.",
     "prw.exporters[].bearer_token_file": "File whose content (stripped of surrounding "
-    "whitespace) is the bearer token. Read once at start; a missing file stops the start.",
+    "whitespace) is the bearer token. Read again for every request, so a rotated token is "
+    "picked up; unreadable at start stops the start (`--check-config` says so), unreadable "
+    "later keeps the last token and logs a warning.",
     "prw.exporters[].basic_auth": "HTTP basic authentication. Not together with a bearer token.",
     "prw.exporters[].basic_auth.username": "User name.",
     "prw.exporters[].basic_auth.password": "Password. Prefer `password_file`.",
     "prw.exporters[].basic_auth.password_file": "File whose content (stripped of surrounding "
-    "whitespace) is the password; when set it wins over `password`. Read once at start.",
+    "whitespace) is the password; not together with `password`. Read once at start.",
     "prw.exporters[].retry": "Backoff between attempts at a batch that failed in a retryable "
     "way (HTTP 429, 5xx, network error or timeout).",
     "prw.exporters[].retry.initial_delay_s": "Delay before the first retry. Must not exceed "

@@ -768,3 +768,38 @@ async def test_queue_evictions_are_counted_as_queue_full(autojump_clock: MockClo
     assert exporter.dropped_datapoints == {"queue_full": 6}
     assert backend.delivered == b_series + c_series
     assert exporter.sent_datapoints == 12
+
+
+async def test_bearer_token_file_is_read_again_for_every_request(
+    autojump_clock: MockClock, tmp_path: Path
+) -> None:
+    """A rotated token file is picked up by the next request; a file that cannot be read keeps
+    the last token."""
+    token_file = tmp_path / "token"
+    token_file.write_text("first\n")
+    metrics = Metrics()
+    backend = FakeBackend(replies())
+    queue = MemoryQueue(QueueConfig())
+    exporter = PRWExporter(
+        exporter_config(bearer_token_file=str(token_file)),
+        queue,
+        metrics=metrics,
+        transport=backend,
+    )
+    (a, _), (b, _), (c, _) = (make_batch(t) for t in "abc")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(exporter.run)
+        await queue.put(a)
+        await trio.sleep(1)
+        token_file.write_text("second\n")
+        await queue.put(b)
+        await trio.sleep(1)
+        token_file.unlink()
+        await queue.put(c)
+        await trio.sleep(1)
+        queue.close()
+    assert [att.request.headers["authorization"] for att in backend.attempts] == [
+        "Bearer first",
+        "Bearer second",
+        "Bearer second",
+    ]

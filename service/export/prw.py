@@ -272,7 +272,7 @@ class PRWExporter:
                 await self._breaker_changed.wait()
         t0 = trio.current_time()
         try:
-            headers = self._headers
+            headers = self._current_headers()
             if encoding != "snappy":
                 headers = {**headers, "content-encoding": encoding}
             resp = await self._client.post(self.cfg.url, content=payload, headers=headers)
@@ -297,6 +297,27 @@ class PRWExporter:
             )
         self._wake()
         return outcome
+
+    def _current_headers(self) -> dict[str, str]:
+        """The request headers, with the bearer token re-read from its file for every request
+        (as Prometheus does), so a rotated token (Kubernetes service accounts) is picked up. An
+        unreadable file keeps the last token and is logged."""
+        if not self.cfg.bearer_token_file:
+            return self._headers
+        try:
+            token = Path(self.cfg.bearer_token_file).read_text().strip()
+        except OSError as e:
+            self._rl.warning(
+                "token_file",
+                "cannot read bearer_token_file; sending the last token",
+                exporter=self.name,
+                error=str(e),
+            )
+            return self._headers
+        auth = f"Bearer {token}"
+        if self._headers.get("authorization") != auth:
+            self._headers = {**self._headers, "authorization": auth}
+        return self._headers
 
     def _wake(self) -> None:
         self._breaker_changed.set()
