@@ -33,16 +33,6 @@ from service.telemetry.metrics import Metrics
 PIPELINE = "prw"
 
 
-def _auth_headers(cfg: PRWExporterConfig) -> dict[str, str]:
-    headers = {}
-    token = cfg.bearer_token
-    if cfg.bearer_token_file:
-        token = Path(cfg.bearer_token_file).read_text().strip()
-    if token:
-        headers["authorization"] = f"Bearer {token}"
-    return headers
-
-
 class PRWExporter:
     """Delivers the batches of `queue` to one remote-write URL."""
 
@@ -132,7 +122,8 @@ class PRWExporter:
             "content-encoding": "snappy",
             "x-prometheus-remote-write-version": prw.VERSION_HEADER,
             "user-agent": f"governor/{__version__}",
-            **_auth_headers(cfg),
+            # bearer_token_file is read for every request: _current_headers()
+            **({"authorization": f"Bearer {cfg.bearer_token}"} if cfg.bearer_token else {}),
             **{k.lower(): v for k, v in cfg.headers.items()},
         }
         auth = None

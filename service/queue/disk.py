@@ -338,22 +338,14 @@ class DiskQueue:
                 self._drop(batch)
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return
-        try:
-            offset, seg = self._append(record)
-            self.write_failing = ""
-        except OSError as e:
-            self._write_failed(batch, e)
+        rec = self._store(batch, record)
+        if rec is None:
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
-        rec = _Rec(offset, len(record), batch.size, batch.datapoints, seg)
-        self._waiting.append(rec)
-        self._used += rec.length
-        self._waiting_bytes += rec.size
-        self._waiting_datapoints += rec.datapoints
         self._getters.unpark()
         if self.settings.durable_ack:
             with trio.CancelScope(shield=True):  # the batch is in: wait for it to be durable
-                await self._sync_data(offset + rec.length)
+                await self._sync_data(rec.offset + rec.length)
         else:
             await trio.lowlevel.cancel_shielded_checkpoint()
 
@@ -361,19 +353,23 @@ class DiskQueue:
         """Append `batch` whatever the limits and even after close(): for a hybrid queue moving
         its memory part here at a stop, data already acknowledged that must not be lost. Not
         fsynced here (aclose() does it). False if the write failed (logged and counted)."""
-        record = segments.encode_record(batch)
+        return self._store(batch, segments.encode_record(batch)) is not None
+
+    def _store(self, batch: Batch, record: bytes) -> _Rec | None:
+        """Append `record` (the encoded `batch`) and queue it; None if the write failed (then
+        the batch is dropped, logged and counted)."""
         try:
             offset, seg = self._append(record)
-            self.write_failing = ""
         except OSError as e:
             self._write_failed(batch, e)
-            return False
+            return None
+        self.write_failing = ""
         rec = _Rec(offset, len(record), batch.size, batch.datapoints, seg)
         self._waiting.append(rec)
         self._used += rec.length
         self._waiting_bytes += rec.size
         self._waiting_datapoints += rec.datapoints
-        return True
+        return rec
 
     def _full(self, incoming: int) -> bool:
         if not self._waiting and not self._taken:
