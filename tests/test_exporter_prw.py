@@ -21,7 +21,6 @@ from trio.testing import MockClock
 
 from service import __version__
 from service._proto.prometheus.remote_pb2 import WriteRequest
-from service._proto.prometheus.types_pb2 import TimeSeries
 from service.app import Addresses, App
 from service.config import (
     BasicAuthConfig,
@@ -36,20 +35,13 @@ from service.pipeline.items import Batch
 from service.queue.memory import MemoryQueue
 from service.receivers.http import hypercorn_config, lifespan, read_body, serve_http
 from service.telemetry.metrics import Metrics
+from tests.test_receiver_prw import SeriesKey, keys
 
-SeriesKey = tuple[tuple[tuple[str, str], ...], tuple[tuple[int, float], ...]]
 NAME = "fake"
 DEADLINE_S = 10.0  # bound on every real-time wait; the happy path takes milliseconds
 
 
 # ---- data -------------------------------------------------------------------------------------
-
-
-def series_key(ts: TimeSeries) -> SeriesKey:
-    return (
-        tuple((label.name, label.value) for label in ts.labels),
-        tuple((s.timestamp, s.value) for s in ts.samples),
-    )
 
 
 def write_request(tag: str, n_series: int = 2, n_samples: int = 2) -> WriteRequest:
@@ -61,10 +53,6 @@ def write_request(tag: str, n_series: int = 2, n_samples: int = 2) -> WriteReque
         for j in range(n_samples):
             ts.samples.add(value=float(i + j), timestamp=1_700_000_000_000 + j)
     return req
-
-
-def keys(req: WriteRequest) -> list[SeriesKey]:
-    return [series_key(ts) for ts in req.timeseries]
 
 
 def make_batch(tag: str, n_series: int = 2, n_samples: int = 2) -> tuple[Batch, list[SeriesKey]]:
