@@ -66,6 +66,11 @@ def _http_url(_inst: object, attribute: attrs.Attribute, value: str) -> None:
         raise ValueError(f"{value!r} is not an http:// or https:// URL")
 
 
+def _endpoint(_inst: object, attribute: attrs.Attribute, value: str) -> None:
+    if not re.match(r"^https?://[^/\s]+", value):
+        parse_listen(value)  # host:port (gRPC)
+
+
 # ---- the tree ---------------------------------------------------------------------------------
 
 
@@ -82,9 +87,27 @@ class TelemetryConfig:
     listen: str = attrs.field(default=":8888", validator=_listen)
 
 
+def _listen_or_off(_inst: object, attribute: attrs.Attribute, value: str) -> None:
+    if value:
+        parse_listen(value)
+
+
 @attrs.frozen
-class ReceiverConfig:
-    listen: str = attrs.field(default=":9091", validator=_listen)
+class ReceiverAuthConfig:
+    # Empty: no authentication. Otherwise a request must carry `Authorization: Bearer <token>`
+    # (gRPC: the `authorization` metadata) with one of these tokens.
+    bearer_tokens: list[str] = attrs.field(factory=list)
+    bearer_tokens_file: str = ""  # one token per line, read at start
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.bearer_tokens or self.bearer_tokens_file)
+
+
+@attrs.frozen
+class IngestConfig:
+    """Limits every receiver shares: request sizes, concurrency, the hand-off to the batcher."""
+
     # vmagent's own limit for a remote-write request is 32 MB; Prometheus sends a few hundred KiB.
     max_request_bytes: int = attrs.field(default=8 * MiB, validator=_positive)
     max_decompressed_bytes: int = attrs.field(default=32 * MiB, validator=_positive)
@@ -98,6 +121,11 @@ class ReceiverConfig:
     # How long a request may wait for room in the ingest channel before it is answered 429.
     ingest_wait_s: float = attrs.field(default=0.5, validator=_non_negative)
     retry_after_s: int = attrs.field(default=1, validator=_positive)
+    auth: ReceiverAuthConfig = attrs.field(factory=ReceiverAuthConfig)
+
+
+@attrs.frozen(slots=False)  # a mixin: two slotted bases cannot share a subclass
+class HTTPServerConfig:
     # A keep-alive connection is closed after this many requests (hypercorn's default of 1000
     # made long-lived remote-write clients reconnect constantly).
     keep_alive_max_requests: int = attrs.field(default=1_000_000, validator=_positive)
@@ -105,6 +133,42 @@ class ReceiverConfig:
     keep_alive_timeout_s: float = attrs.field(default=60.0, validator=_positive)
     # A request's head and body must arrive within this, or the connection is closed.
     read_timeout_s: float = attrs.field(default=30.0, validator=_positive)
+
+
+@attrs.frozen
+class ReceiverConfig(IngestConfig, HTTPServerConfig):
+    listen: str = attrs.field(default=":9091", validator=_listen)
+
+
+@attrs.frozen
+class OTLPHTTPReceiverConfig(HTTPServerConfig):
+    # Empty: no OTLP/HTTP receiver.
+    listen: str = attrs.field(default=":4318", validator=_listen_or_off)
+
+
+@attrs.frozen
+class OTLPGRPCReceiverConfig:
+    # Empty: no OTLP/gRPC receiver.
+    listen: str = attrs.field(default=":4317", validator=_listen_or_off)
+    # Server keepalive (grpc-go's names): ping an idle connection after keepalive_time_s, close
+    # it when the ping is not answered within keepalive_timeout_s.
+    keepalive_time_s: float = attrs.field(default=7200.0, validator=_positive)
+    keepalive_timeout_s: float = attrs.field(default=20.0, validator=_positive)
+    # Clients may ping this often (also without calls in flight); faster pings are refused.
+    min_ping_interval_s: float = attrs.field(default=10.0, validator=_positive)
+    # 0: never. Closing connections now and then spreads clients over replicas behind a
+    # load balancer.
+    max_connection_idle_s: float = attrs.field(default=0.0, validator=_non_negative)
+    max_connection_age_s: float = attrs.field(default=0.0, validator=_non_negative)
+    max_connection_age_grace_s: float = attrs.field(default=0.0, validator=_non_negative)
+    # Threads of grpcio's server; each holds one call while it waits for the pipeline.
+    threads: int = attrs.field(default=16, validator=_positive)
+
+
+@attrs.frozen
+class OTLPReceiverConfig(IngestConfig):
+    grpc: OTLPGRPCReceiverConfig = attrs.field(factory=OTLPGRPCReceiverConfig)
+    http: OTLPHTTPReceiverConfig = attrs.field(factory=OTLPHTTPReceiverConfig)
 
 
 @attrs.frozen
@@ -191,10 +255,55 @@ class PRWConfig:
 
 
 @attrs.frozen
+class OTLPBatchConfig:
+    # The OpenTelemetry Collector's batch processor sends 8192 by default.
+    max_datapoints: int = attrs.field(default=8192, validator=_positive)
+    max_bytes: int = attrs.field(default=4 * MiB, validator=_positive)  # serialized protobuf
+    interval_s: float = attrs.field(default=1.0, validator=_positive)
+    ack_linger_s: float = attrs.field(default=0.01, validator=_non_negative)
+
+
+@attrs.frozen
+class TLSConfig:
+    # PEM files. With none set, an https:// endpoint is verified against the system's CAs.
+    ca_file: str = ""
+    cert_file: str = ""  # client certificate (mutual TLS), with key_file
+    key_file: str = ""
+
+
+@attrs.frozen
+class OTLPExporterConfig:
+    # http: the URL to POST to (a URL without a path gets /v1/metrics, as OTEL_EXPORTER_OTLP_
+    # ENDPOINT does). grpc: host:port, or http://host:port; https://host:port uses TLS.
+    endpoint: str = attrs.field(validator=_endpoint)
+    protocol: Literal["grpc", "http"] = "grpc"
+    name: str = ""
+    timeout_s: float = attrs.field(default=10.0, validator=_positive)
+    workers: int = attrs.field(default=2, validator=_positive)
+    # The OTLP exporters of the SDKs and the Collector send gzip by default; zstd is HTTP only.
+    compression: Literal["gzip", "zstd", "none"] = "gzip"
+    headers: dict[str, str] = attrs.field(factory=dict)
+    bearer_token: str = ""
+    bearer_token_file: str = ""
+    tls: TLSConfig = attrs.field(factory=TLSConfig)
+    retry: RetryConfig = attrs.field(factory=RetryConfig)
+    breaker: BreakerConfig = attrs.field(factory=BreakerConfig)
+
+
+@attrs.frozen
+class OTLPConfig:
+    receiver: OTLPReceiverConfig = attrs.field(factory=OTLPReceiverConfig)
+    batch: OTLPBatchConfig = attrs.field(factory=OTLPBatchConfig)
+    queue: QueueConfig = attrs.field(factory=QueueConfig)
+    exporters: list[OTLPExporterConfig] = attrs.field(factory=list)
+
+
+@attrs.frozen
 class Config:
     log: LogConfig = attrs.field(factory=LogConfig)
     telemetry: TelemetryConfig = attrs.field(factory=TelemetryConfig)
     prw: PRWConfig = attrs.field(factory=PRWConfig)
+    otlp: OTLPConfig = attrs.field(factory=OTLPConfig)
     # Phase two of shutdown starts this long after SIGTERM: what is still queued is then dropped
     # (memory queue) and counted.
     shutdown_grace_s: float = attrs.field(default=30.0, validator=_positive)
@@ -202,52 +311,87 @@ class Config:
 
 def _cross_checks(cfg: Config) -> list[str]:
     problems = []
-    if not cfg.prw.exporters:
-        problems.append("prw.exporters: at least one exporter is required (or --prw-export-url)")
-    for i, exp in enumerate(cfg.prw.exporters):
-        path = f"prw.exporters[{i}]"
-        if exp.bearer_token and exp.bearer_token_file:
-            problems.append(f"{path}: set bearer_token or bearer_token_file, not both")
-        if (exp.bearer_token or exp.bearer_token_file) and exp.basic_auth is not None:
-            problems.append(f"{path}: set bearer token or basic_auth, not both")
-        ba = exp.basic_auth
-        if ba is not None:
-            if ba.password and ba.password_file:
-                problems.append(f"{path}.basic_auth: set password or password_file, not both")
-            if not ba.username:
-                problems.append(f"{path}.basic_auth.username: required")
-        for key, file in (
-            ("bearer_token_file", exp.bearer_token_file),
-            ("basic_auth.password_file", ba.password_file if ba else ""),
-        ):
-            if file and not os.access(file, os.R_OK):
-                problems.append(f"{path}.{key}: cannot read {file}")
-        if exp.retry.initial_delay_s > exp.retry.max_delay_s:
-            problems.append(f"{path}.retry: initial_delay_s is larger than max_delay_s")
-        if exp.breaker.open_s > exp.breaker.max_open_s:
-            problems.append(f"{path}.breaker: open_s is larger than max_open_s")
-    names = [exporter_name(e) for e in cfg.prw.exporters]
-    for name in sorted({n for n in names if names.count(n) > 1}):
+    if not cfg.prw.exporters and not cfg.otlp.exporters:
         problems.append(
-            f"prw.exporters: two exporters are named {name!r}; give them distinct names"
+            "prw.exporters, otlp.exporters: at least one exporter is required "
+            "(or --prw-export-url / --otlp-export-endpoint)"
         )
-    q = cfg.prw.queue
+    for pipeline, exporters in (("prw", cfg.prw.exporters), ("otlp", cfg.otlp.exporters)):
+        for i, exp in enumerate(exporters):
+            problems += _exporter_checks(exp, f"{pipeline}.exporters[{i}]")
+        names = [exporter_name(e) for e in exporters]
+        for name in sorted({n for n in names if names.count(n) > 1}):
+            problems.append(
+                f"{pipeline}.exporters: two exporters are named {name!r}; give them distinct names"
+            )
+        pcfg = getattr(cfg, pipeline)
+        problems += _queue_checks(pcfg.queue, f"{pipeline}.queue")
+        problems += _ingest_checks(pcfg.receiver, f"{pipeline}.receiver")
+    rc = cfg.otlp.receiver
+    if cfg.otlp.exporters and not rc.grpc.listen and not rc.http.listen:
+        problems.append("otlp.receiver: both grpc.listen and http.listen are empty")
+    return problems
+
+
+def _exporter_checks(exp: PRWExporterConfig | OTLPExporterConfig, path: str) -> list[str]:
+    problems = []
+    ba = getattr(exp, "basic_auth", None)
+    if exp.bearer_token and exp.bearer_token_file:
+        problems.append(f"{path}: set bearer_token or bearer_token_file, not both")
+    if (exp.bearer_token or exp.bearer_token_file) and ba is not None:
+        problems.append(f"{path}: set bearer token or basic_auth, not both")
+    if ba is not None:
+        if ba.password and ba.password_file:
+            problems.append(f"{path}.basic_auth: set password or password_file, not both")
+        if not ba.username:
+            problems.append(f"{path}.basic_auth.username: required")
+    files = [
+        ("bearer_token_file", exp.bearer_token_file),
+        ("basic_auth.password_file", ba.password_file if ba else ""),
+    ]
+    if isinstance(exp, OTLPExporterConfig):
+        files += [(f"tls.{k}", getattr(exp.tls, k)) for k in ("ca_file", "cert_file", "key_file")]
+        if bool(exp.tls.cert_file) != bool(exp.tls.key_file):
+            problems.append(f"{path}.tls: cert_file and key_file go together")
+        if exp.protocol == "grpc" and exp.compression == "zstd":
+            problems.append(f"{path}.compression: zstd is for protocol http; gRPC has gzip")
+        if exp.protocol == "http" and not re.match(r"^https?://", exp.endpoint):
+            problems.append(f"{path}.endpoint: protocol http needs an http:// or https:// URL")
+    for key, file in files:
+        if file and not os.access(file, os.R_OK):
+            problems.append(f"{path}.{key}: cannot read {file}")
+    if exp.retry.initial_delay_s > exp.retry.max_delay_s:
+        problems.append(f"{path}.retry: initial_delay_s is larger than max_delay_s")
+    if exp.breaker.open_s > exp.breaker.max_open_s:
+        problems.append(f"{path}.breaker: open_s is larger than max_open_s")
+    return problems
+
+
+def _queue_checks(q: QueueConfig, path: str) -> list[str]:
+    problems = []
     if q.mode == "hybrid" and q.durable_ack:
         problems.append(
-            "prw.queue.durable_ack: the hybrid queue's memory part is never fsynced; "
+            f"{path}.durable_ack: the hybrid queue's memory part is never fsynced; "
             "use mode: disk for durable_ack"
         )
     if q.mode in ("disk", "hybrid"):
         parent = os.path.dirname(os.path.abspath(q.dir)) or "/"
         if os.path.exists(q.dir) and not os.path.isdir(q.dir):
-            problems.append(f"prw.queue.dir: {q.dir} exists and is not a directory")
+            problems.append(f"{path}.dir: {q.dir} exists and is not a directory")
         elif not os.path.exists(q.dir) and not os.access(_existing_ancestor(parent), os.W_OK):
-            problems.append(f"prw.queue.dir: cannot create {q.dir}")
-    rc = cfg.prw.receiver
+            problems.append(f"{path}.dir: cannot create {q.dir}")
+    return problems
+
+
+def _ingest_checks(rc: IngestConfig, path: str) -> list[str]:
+    problems = []
     if rc.max_decompressed_bytes < rc.max_request_bytes:
-        problems.append("prw.receiver: max_decompressed_bytes is smaller than max_request_bytes")
+        problems.append(f"{path}: max_decompressed_bytes is smaller than max_request_bytes")
     if rc.ingest_max_bytes < rc.max_decompressed_bytes:
-        problems.append("prw.receiver: ingest_max_bytes is smaller than max_decompressed_bytes")
+        problems.append(f"{path}: ingest_max_bytes is smaller than max_decompressed_bytes")
+    auth_file = rc.auth.bearer_tokens_file
+    if auth_file and not os.access(auth_file, os.R_OK):
+        problems.append(f"{path}.auth.bearer_tokens_file: cannot read {auth_file}")
     return problems
 
 
@@ -257,11 +401,12 @@ def _existing_ancestor(path: str) -> str:
     return path
 
 
-def exporter_name(exp: PRWExporterConfig) -> str:
+def exporter_name(exp: PRWExporterConfig | OTLPExporterConfig) -> str:
     """The exporter's label: its `name`, or the URL without scheme, credentials and query."""
     if exp.name:
         return exp.name
-    rest = exp.url.split("://", 1)[1].split("?", 1)[0]
+    url = exp.url if isinstance(exp, PRWExporterConfig) else exp.endpoint
+    rest = url.split("://", 1)[-1].split("?", 1)[0]
     host, _, path = rest.partition("/")
     return host.rpartition("@")[2] + ("/" + path if path else "")
 

@@ -80,12 +80,13 @@ shutdown_grace_s: -1
 
 
 def test_check_config_without_exporter(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A file without exporters, and no --prw-export-url, is invalid."""
+    """A file without exporters in either pipeline, and no export flag, is invalid."""
     path = write(tmp_path, "log:\n  level: info\n")
     assert main(["--check-config", "--config", str(path)]) == 2
     assert capsys.readouterr().err == (
         "governor: invalid configuration:\n"
-        "  prw.exporters: at least one exporter is required (or --prw-export-url)\n"
+        "  prw.exporters, otlp.exporters: at least one exporter is required "
+        "(or --prw-export-url / --otlp-export-endpoint)\n"
     )
 
 

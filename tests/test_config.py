@@ -34,7 +34,10 @@ from service.config import (
 )
 
 URL = "http://127.0.0.1:9090/api/v1/write"
-NO_EXPORTER = "prw.exporters: at least one exporter is required (or --prw-export-url)"
+NO_EXPORTER = (
+    "prw.exporters, otlp.exporters: at least one exporter is required "
+    "(or --prw-export-url / --otlp-export-endpoint)"
+)
 
 
 def with_exporter(**top: Any) -> dict[str, Any]:

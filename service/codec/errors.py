@@ -26,3 +26,7 @@ class UnsupportedEncoding(CodecError):
 
 class DecompressedTooLarge(TooLarge):
     reason = "decompressed_too_large"
+
+
+class BadJSON(CodecError):
+    reason = "bad_json"
