@@ -8,19 +8,34 @@ cancels what is left and counts it as dropped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import attrs
 import trio
 
-from service.config import Config, exporter_name
+from service.config import (
+    Config,
+    HTTPServerConfig,
+    OTLPConfig,
+    PRWConfig,
+    PRWExporterConfig,
+    exporter_name,
+)
+from service.export.base import Exporter
+from service.export.otlp import otlp_exporter
 from service.export.prw import PRWExporter
 from service.pipeline.batcher import Batcher
 from service.pipeline.budget import ByteBudget
 from service.pipeline.items import Ingested
 from service.queue import DiskQueue, HybridQueue, open_queue, queue_dir_name
 from service.receivers.http import hypercorn_config, serve_http
+from service.receivers.intake import Intake
+from service.receivers.otlp_grpc import OTLPGRPCReceiver
+from service.receivers.otlp_http import OTLPHTTPReceiver
 from service.receivers.prw import PRWReceiver
 from service.receivers.server import ServerConfig, serve_asgi
 from service.telemetry import logs
@@ -33,10 +48,12 @@ log = logs.get("app")
 
 @attrs.frozen
 class Addresses:
-    """Where the servers really listen (ports resolved when the config said 0)."""
+    """Where the servers really listen (ports resolved when the config said 0); None: off."""
 
     telemetry: tuple[str, int]
-    prw: tuple[str, int]
+    prw: tuple[str, int] | None = None
+    otlp_grpc: tuple[str, int] | None = None
+    otlp_http: tuple[str, int] | None = None
 
 
 @attrs.frozen
@@ -50,6 +67,18 @@ class ShutdownReport:
     kept_on_disk: dict[str, int] = attrs.field(factory=dict)
 
 
+@attrs.define
+class Pipeline:
+    """One pipeline's stages: intake (shared by its receivers), batcher, exporters."""
+
+    name: str
+    intake: Intake
+    batcher: Batcher
+    exporters: list[Exporter]
+    rx: trio.MemoryReceiveChannel[Ingested]  # the batcher's end
+    rx_left: trio.MemoryReceiveChannel[Ingested]  # a clone, to count what a hard stop leaves
+
+
 class App:
     """One governor process: `await app.run(task_status=...)`, stop with `app.shutdown()`."""
 
@@ -60,9 +89,14 @@ class App:
         self._stop = trio.Event()
         self._hard_stop = trio.Event()
         self._pipeline_scope = trio.CancelScope()
-        self.exporters: list[PRWExporter] = []
-        self.batcher: Batcher | None = None
+        self.pipelines: list[Pipeline] = []
+        self.exporters: list[Exporter] = []
         self.report: ShutdownReport | None = None
+
+    @property
+    def batcher(self) -> Batcher | None:
+        """The first pipeline's batcher (the PRW one when PRW is on)."""
+        return self.pipelines[0].batcher if self.pipelines else None
 
     def shutdown(self) -> None:
         """Begin phase one of shutdown; a second call skips to phase two."""
@@ -86,22 +120,36 @@ class App:
             root.start_soon(self._watch_signals)
             root.start_soon(self._hard_stop_watch)
             try:
-                await self._run_pipeline(tel[0], task_status)
+                await self._run_pipelines(tel[0], task_status)
             finally:
                 telemetry_done.set()
                 root.cancel_scope.cancel()
 
     def _build(self) -> None:
-        """Create the queues (a disk queue recovers its directory here), exporters, batcher and
-        receiver. Runs before any nursery opens, so a QueueLockedError reaches the caller as is."""
+        """Create each configured pipeline's queues (a disk queue recovers its directory here),
+        exporters, batcher and intake. Runs before any nursery opens, so a QueueLockedError
+        reaches the caller as is."""
         cfg = self.cfg
-        pcfg = cfg.prw
+        if cfg.prw.exporters:
+            self._build_pipeline("prw", cfg.prw)
+        if cfg.otlp.exporters:
+            self._build_pipeline("otlp", cfg.otlp)
+
+    def _build_pipeline(self, name: str, pcfg: PRWConfig | OTLPConfig) -> None:
+        interval = self.cfg.log.rate_limit_interval_s
         queues = []
+        exporters: list[Exporter] = []
         for exp_cfg in pcfg.exporters:
-            q = open_queue(pcfg.queue, queue_dir_name(exporter_name(exp_cfg), exp_cfg.url))
-            exporter = PRWExporter(
-                exp_cfg, q, metrics=self.metrics, log_interval_s=cfg.log.rate_limit_interval_s
-            )
+            if isinstance(exp_cfg, PRWExporterConfig):
+                dir_name = queue_dir_name(exporter_name(exp_cfg), exp_cfg.url)
+            else:
+                dir_name = queue_dir_name(f"otlp-{exporter_name(exp_cfg)}", exp_cfg.endpoint)
+            q = open_queue(pcfg.queue, dir_name)
+            exporter: Exporter
+            if isinstance(exp_cfg, PRWExporterConfig):
+                exporter = PRWExporter(exp_cfg, q, metrics=self.metrics, log_interval_s=interval)
+            else:
+                exporter = otlp_exporter(exp_cfg, q, metrics=self.metrics, log_interval_s=interval)
             q.on_drop = exporter.count_queue_drop
             disk = getattr(q, "disk", q)
             if isinstance(disk, DiskQueue):
@@ -112,29 +160,21 @@ class App:
                     )
                 )
             queues.append(q)
-            self.exporters.append(exporter)
+            exporters.append(exporter)
         budget = ByteBudget(pcfg.receiver.ingest_max_bytes)
-        self.batcher = Batcher(pcfg.batch, queues, metrics=self.metrics, budget=budget)
-        self._tx, self._rx_main = tx, rx = trio.open_memory_channel[Ingested](
-            pcfg.receiver.ingest_queue_requests
-        )
-        self._rx = rx.clone()  # kept to count what a hard stop leaves in the channel
-        self._receiver = PRWReceiver(
-            pcfg.receiver,
-            tx,
-            budget,
-            metrics=self.metrics,
-            health=self.health,
-            log_interval_s=cfg.log.rate_limit_interval_s,
-            ack_after_queue=pcfg.queue.mode != "memory",
-        )
+        batcher = Batcher(pcfg.batch, queues, metrics=self.metrics, budget=budget, pipeline=name)
+        tx, rx = trio.open_memory_channel[Ingested](pcfg.receiver.ingest_queue_requests)
+        intake = Intake(pcfg.receiver, tx, budget, ack_after_queue=pcfg.queue.mode != "memory")
+        self.pipelines.append(Pipeline(name, intake, batcher, exporters, rx, rx.clone()))
+        self.exporters += exporters
 
-    async def _run_pipeline(
+    async def _run_pipelines(
         self, tel: tuple[str, int], task_status: trio.TaskStatus[Addresses]
     ) -> None:
         cfg = self.cfg
-        pcfg = cfg.prw
         stop_receiving = trio.Event()
+        interval = cfg.log.rate_limit_interval_s
+        common = {"metrics": self.metrics, "health": self.health, "log_interval_s": interval}
         with self._pipeline_scope as pipeline_scope:
             async with trio.open_nursery() as exporters:
                 for exporter in self.exporters:
@@ -142,41 +182,64 @@ class App:
                         await exporters.start(exporter.queue.run)
                     await exporters.start(exporter.run)
                 async with trio.open_nursery() as processing:
-                    processing.start_soon(self.batcher.run, self._rx_main)
-                    async with self._tx, trio.open_nursery() as receivers:
-                        prw_addr = await receivers.start(
-                            serve_asgi,
-                            self._receiver,
-                            ServerConfig(
-                                pcfg.receiver.listen,
-                                keep_alive_max_requests=pcfg.receiver.keep_alive_max_requests,
-                                keep_alive_timeout_s=pcfg.receiver.keep_alive_timeout_s,
-                                read_timeout_s=pcfg.receiver.read_timeout_s,
-                            ),
-                            stop_receiving.wait,
-                        )
-                        self.health.set("ready")
-                        addrs = Addresses(telemetry=tel, prw=prw_addr[0])
-                        logs.log(
-                            log,
-                            logging.INFO,
-                            "governor started",
-                            telemetry=f"{tel[0]}:{tel[1]}",
-                            prw=f"{prw_addr[0][0]}:{prw_addr[0][1]}",
-                            exporters=[e.name for e in self.exporters],
-                        )
-                        task_status.started(addrs)
-                        await self._stop.wait()
-                        self.health.set("draining")
-                        logs.log(
-                            log,
-                            logging.INFO,
-                            "shutting down: draining",
-                            grace_s=cfg.shutdown_grace_s,
-                        )
-                        pipeline_scope.deadline = trio.current_time() + cfg.shutdown_grace_s
-                        stop_receiving.set()
+                    for p in self.pipelines:
+                        processing.start_soon(p.batcher.run, p.rx)
+                    async with contextlib.AsyncExitStack() as channels:
+                        for p in self.pipelines:
+                            await channels.enter_async_context(p.intake.tx)
+                        async with trio.open_nursery() as receivers:
+                            found: dict[str, tuple[str, int]] = {}
+                            for p in self.pipelines:
+                                found |= await self._start_receivers(
+                                    p, receivers, stop_receiving.wait, common
+                                )
+                            self.health.set("ready")
+                            addrs = Addresses(telemetry=tel, **found)
+                            logs.log(
+                                log,
+                                logging.INFO,
+                                "governor started",
+                                telemetry=f"{tel[0]}:{tel[1]}",
+                                **{k: f"{h}:{port}" for k, (h, port) in found.items()},
+                                exporters=[e.name for e in self.exporters],
+                            )
+                            task_status.started(addrs)
+                            await self._stop.wait()
+                            self.health.set("draining")
+                            logs.log(
+                                log,
+                                logging.INFO,
+                                "shutting down: draining",
+                                grace_s=cfg.shutdown_grace_s,
+                            )
+                            pipeline_scope.deadline = trio.current_time() + cfg.shutdown_grace_s
+                            stop_receiving.set()
         self._report(clean=not pipeline_scope.cancelled_caught)
+
+    async def _start_receivers(
+        self,
+        p: Pipeline,
+        nursery: trio.Nursery,
+        stop: Callable[[], Awaitable[None]],
+        common: dict[str, Any],
+    ) -> dict[str, tuple[str, int]]:
+        """Start the pipeline's receivers in `nursery`; their bound addresses by name."""
+        found = {}
+        if p.name == "prw":
+            rc = self.cfg.prw.receiver
+            app = PRWReceiver(rc, p.intake, **common)
+            bound = await nursery.start(serve_asgi, app, _server_config(rc.listen, rc), stop)
+            found["prw"] = bound[0]
+            return found
+        rc = self.cfg.otlp.receiver
+        if rc.grpc.listen:
+            grpc_receiver = OTLPGRPCReceiver(rc, p.intake, **common)
+            found["otlp_grpc"] = (await nursery.start(grpc_receiver.serve, stop))[0]
+        if rc.http.listen:
+            http_app = OTLPHTTPReceiver(rc, p.intake, **common)
+            server_cfg = _server_config(rc.http.listen, rc.http)
+            found["otlp_http"] = (await nursery.start(serve_asgi, http_app, server_cfg, stop))[0]
+        return found
 
     async def _hard_stop_watch(self) -> None:
         await self._hard_stop.wait()
@@ -196,24 +259,25 @@ class App:
 
     def _report(self, clean: bool) -> None:
         """Count what the hard stop left behind as dropped, and log the summary per exporter."""
-        in_channel = 0
-        with self._rx:
-            while True:
-                try:
-                    in_channel += self._rx.receive_nowait().datapoints
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
         kept: dict[str, int] = {}
-        for i, exporter in enumerate(self.exporters):
-            st = exporter.queue.statistics()
-            queued = st.datapoints + st.in_flight_datapoints - exporter.settled_in_flight()
-            lost = in_channel + (self.batcher.lost_datapoints(i) if self.batcher else 0)
-            if isinstance(exporter.queue, (DiskQueue, HybridQueue)):
-                kept[exporter.name] = queued  # stays on disk for the next start
-            else:
-                lost += queued
-            if lost:
-                exporter.drop(lost, "shutdown")
+        for p in self.pipelines:
+            in_channel = 0
+            with p.rx_left:
+                while True:
+                    try:
+                        in_channel += p.rx_left.receive_nowait().datapoints
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+            for i, exporter in enumerate(p.exporters):
+                st = exporter.queue.statistics()
+                queued = st.datapoints + st.in_flight_datapoints - exporter.settled_in_flight()
+                lost = in_channel + p.batcher.lost_datapoints(i)
+                if isinstance(exporter.queue, (DiskQueue, HybridQueue)):
+                    kept[exporter.name] = queued  # stays on disk for the next start
+                else:
+                    lost += queued
+                if lost:
+                    exporter.drop(lost, "shutdown")
         self.report = ShutdownReport(
             clean=clean,
             delivered={e.name: e.sent_datapoints for e in self.exporters},
@@ -230,3 +294,12 @@ class App:
             dropped_datapoints=self.report.dropped,
             kept_on_disk_datapoints=kept,
         )
+
+
+def _server_config(listen: str, cfg: HTTPServerConfig) -> ServerConfig:
+    return ServerConfig(
+        listen,
+        keep_alive_max_requests=cfg.keep_alive_max_requests,
+        keep_alive_timeout_s=cfg.keep_alive_timeout_s,
+        read_timeout_s=cfg.read_timeout_s,
+    )

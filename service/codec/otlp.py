@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError as _PBDecodeError
+from google.protobuf.message import Message
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
     ExportMetricsServiceResponse,
@@ -131,6 +132,11 @@ def response(rejected: int = 0, message: str = "", *, json_body: bool = False) -
     if json_body:
         return json.dumps(json_format.MessageToDict(resp), separators=(",", ":")).encode()
     return resp.SerializeToString()
+
+
+def status_json(status: Message) -> bytes:
+    """A google.rpc.Status (or any message) in proto3 JSON, for error answers to JSON clients."""
+    return json.dumps(json_format.MessageToDict(status), separators=(",", ":")).encode()
 
 
 def partial_success(data: bytes) -> tuple[int, str]:

@@ -27,6 +27,14 @@ class Outcome:
     status: int | None = None  # HTTP status, None for a network error
     retry_after_s: float | None = None
     detail: str = ""
+    # SUCCESS: datapoints the backend refused for good (OTLP partial success).
+    rejected: int = 0
+    # PERMANENT: the reason the dropped datapoints are counted under; default http_<status>.
+    code: str = ""
+
+    @property
+    def reason(self) -> str:
+        return self.code or f"http_{self.status}"
 
     @property
     def backend_alive(self) -> bool:

@@ -1,9 +1,11 @@
 """The batcher: joins ingested requests into batches and hands each batch to every queue.
 
-A PRW batch is the concatenation of serialized WriteRequests (protobuf merges them), built by
-joining the requests' snappy blocks without recompressing, and shared by all queues. It flushes on
-max series, max bytes or the interval after the first item, and it closes the queues when its
-input ends, so shutdown flows on downstream.
+A batch is the concatenation of serialized requests (protobuf merges them), shared by all queues:
+for PRW, built by joining the requests' snappy blocks without recompressing; for OTLP, the
+serialized ExportMetricsServiceRequests joined as they are (every ResourceMetrics keeps its own
+resource and scopes). It flushes on max series (PRW) or max datapoints (OTLP), max bytes, or the
+interval after the first item, and it closes the queues when its input ends, so shutdown flows on
+downstream.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import math
 import trio
 
 from service.codec import compression
-from service.config import BatchConfig
+from service.config import BatchConfig, OTLPBatchConfig
 from service.pipeline.budget import ByteBudget
 from service.pipeline.items import Batch, Ingested
 from service.queue.base import Queue
@@ -25,7 +27,7 @@ class Batcher:
 
     def __init__(
         self,
-        cfg: BatchConfig,
+        cfg: BatchConfig | OTLPBatchConfig,
         queues: list[Queue],
         *,
         metrics: Metrics,
@@ -33,9 +35,11 @@ class Batcher:
         pipeline: str = "prw",
     ) -> None:
         self.cfg = cfg
+        self._otlp = isinstance(cfg, OTLPBatchConfig)
+        self._max_count = cfg.max_datapoints if isinstance(cfg, OTLPBatchConfig) else cfg.max_series
         self.queues = queues
         self.budget = budget
-        self._parts: list[bytes] = []  # snappy blocks
+        self._parts: list[bytes] = []  # snappy blocks (PRW), serialized requests (OTLP)
         self._series = 0
         self._bytes = 0  # uncompressed, for max_bytes
         self._held = 0  # compressed, as taken from the budget
@@ -73,7 +77,8 @@ class Batcher:
                     if item.done is not None:
                         self._done.append(item.done)
                     self.pending_datapoints += item.datapoints
-                    if self._series >= self.cfg.max_series or self._bytes >= self.cfg.max_bytes:
+                    count = self.pending_datapoints if self._otlp else self._series
+                    if count >= self._max_count or self._bytes >= self.cfg.max_bytes:
                         await self.flush()
                         deadline = math.inf
                     elif self._done and not _more_coming(rx):
@@ -90,8 +95,10 @@ class Batcher:
         if not self._parts:
             return
         batch = Batch(
-            payload=compression.snappy_concat(self._parts, self._bytes),
-            encoding="snappy",
+            payload=b"".join(self._parts)
+            if self._otlp
+            else compression.snappy_concat(self._parts, self._bytes),
+            encoding="identity" if self._otlp else "snappy",
             series=self._series,
             datapoints=self.pending_datapoints,
             raw_bytes=self._bytes,

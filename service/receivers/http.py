@@ -10,6 +10,7 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+import grpc
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
@@ -33,13 +34,25 @@ class Rejected(Exception):
         self.headers = headers or []
 
 
-# The one table: codec error -> HTTP status. gRPC codes join it with the OTLP receiver.
+# The one table: codec error -> HTTP status; and HTTP status -> gRPC code for the OTLP/gRPC
+# receiver, which answers every Rejected with the code of its HTTP status.
 HTTP_STATUS: dict[type[errors.CodecError], int] = {
     errors.BadCompression: 400,
     errors.BadProtobuf: 400,
+    errors.BadJSON: 400,
     errors.TooLarge: 413,
     errors.DecompressedTooLarge: 413,
     errors.UnsupportedEncoding: 415,
+}
+
+
+GRPC_CODE: dict[int, grpc.StatusCode] = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
 }
 
 

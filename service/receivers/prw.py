@@ -12,7 +12,6 @@ import trio
 from service.codec import compression, prw
 from service.codec.errors import CodecError
 from service.config import ReceiverConfig
-from service.pipeline.budget import ByteBudget
 from service.pipeline.items import Ingested
 from service.receivers.http import (
     Receive,
@@ -25,6 +24,7 @@ from service.receivers.http import (
     rejection,
     respond,
 )
+from service.receivers.intake import Authenticator, Intake
 from service.telemetry import logs
 from service.telemetry.health import Health
 from service.telemetry.metrics import Metrics
@@ -35,33 +35,26 @@ _ACCEPTED_TYPES = ("", "application/x-protobuf")
 
 
 class PRWReceiver:
-    """ASGI app for remote write; sends `Ingested` items into `tx`."""
+    """ASGI app for remote write; hands `Ingested` items to the pipeline through `intake`."""
 
     def __init__(
         self,
         cfg: ReceiverConfig,
-        tx: trio.MemorySendChannel[Ingested],
-        budget: ByteBudget,
+        intake: Intake,
         *,
         metrics: Metrics,
         health: Health,
         log_interval_s: float = 10.0,
-        ack_after_queue: bool = False,
     ) -> None:
-        """`ack_after_queue`: answer 204 once the request's batch is in the queue (disk mode),
-        not when it is handed to the batcher."""
         self.cfg = cfg
-        self.ack_after_queue = ack_after_queue
-        self.tx = tx
-        self.budget = budget
-        self._slots = trio.Semaphore(cfg.max_concurrent_requests)
+        self.intake = intake
         self.health = health
+        self.auth = Authenticator(cfg.auth)
         self._log = logs.RateLimited(logs.get("receiver.prw"), log_interval_s)
         self._received = metrics.datapoints_received.labels(PIPELINE)
         self._requests = metrics.requests
         self._rejected = metrics.rejected
         self._ok = metrics.requests.labels(PIPELINE, "204")
-        self._retry_after = [(b"retry-after", str(cfg.retry_after_s).encode())]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -81,7 +74,7 @@ class PRWReceiver:
                     reason=r.reason,
                     status=r.status,
                     detail=str(r),
-                    client=_client(scope),
+                    client=client_address(scope),
                 )
             await respond(send, r.status, (str(r) + "\n").encode(), headers=r.headers)
             return
@@ -98,6 +91,7 @@ class PRWReceiver:
             raise Rejected(404, "not_found", f"no such path {scope['path']!r}; use {PATH}")
         if scope["method"] != "POST":
             raise Rejected(405, "method_not_allowed", "use POST", headers=[(b"allow", b"POST")])
+        self.auth.check(header(scope, b"authorization"))
         ctype = header(scope, b"content-type")
         media, _, params = ctype.partition(";")
         if media.strip().lower() not in _ACCEPTED_TYPES or "proto=io.prometheus.write.v2" in params:
@@ -107,23 +101,16 @@ class PRWReceiver:
                 f"content-type {ctype!r} is not remote write 1.0 (application/x-protobuf)",
             )
         if self.health.draining:
-            raise self._draining()
+            raise self.intake.draining()
         # One deadline for every wait of this request: a slot, budget bytes, channel room.
-        # Each wait first tries without waiting, so ingest_wait_s: 0 means "only if there is room".
-        deadline = trio.current_time() + self.cfg.ingest_wait_s
-        try:
-            self._slots.acquire_nowait()
-        except trio.WouldBlock:
-            with trio.move_on_at(deadline) as waited:
-                await self._slots.acquire()
-            if waited.cancelled_caught:
-                raise self._backpressure("too many requests in progress") from None
+        deadline = self.intake.deadline()
+        await self.intake.acquire_slot(deadline)
         try:
             counts, done = await self._ingest(scope, receive, deadline)
         finally:
             # The slot bounds requests being read and decoded; once handed over, a request holds
             # no memory of its own, so waiting for its batch below must not hold a slot.
-            self._slots.release()
+            self.intake.release_slot()
         if done is not None:
             # Answer only once the batch holding this request is in the (disk) queue. A hard stop
             # cancels this wait: the client gets no answer and sends again (at least once).
@@ -147,41 +134,14 @@ class PRWReceiver:
         block = (
             body if encoding.strip().lower() == "snappy" else compression.compress(data, "snappy")
         )
-        done = trio.Event() if self.ack_after_queue else None
+        done = self.intake.done_event()
         item = Ingested(block, len(data), counts.series, counts.datapoints, done)
         del body, data
-        size = len(block)
-        if not self.budget.try_acquire(size):
-            with trio.move_on_at(deadline) as waited:
-                await self.budget.acquire(size)
-            if waited.cancelled_caught:
-                raise self._backpressure("ingest buffer is full")
-        handed_over = False
-        try:
-            try:
-                self.tx.send_nowait(item)  # no wait at all when there is room (ingest_wait_s: 0)
-                handed_over = True
-            except trio.WouldBlock:
-                with trio.move_on_at(deadline):
-                    await self.tx.send(item)
-                    handed_over = True
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise self._draining() from None
-        finally:
-            if not handed_over:  # the batcher never saw these bytes: give them back
-                self.budget.release(size)
-        if not handed_over:
-            raise self._backpressure("ingest queue is full")
+        await self.intake.hand_over(item, deadline)
         self._received.inc(counts.datapoints)
         return counts, done
 
-    def _backpressure(self, why: str) -> Rejected:
-        return Rejected(429, "backpressure", f"{why}; retry later", self._retry_after)
 
-    def _draining(self) -> Rejected:
-        return Rejected(503, "draining", "shutting down; retry later", self._retry_after)
-
-
-def _client(scope: Scope) -> str:
+def client_address(scope: Scope) -> str:
     client = scope.get("client")
     return f"{client[0]}:{client[1]}" if client else ""

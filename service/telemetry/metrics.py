@@ -72,9 +72,17 @@ class Metrics:
             ["pipeline", "exporter", "reason"],
             registry=r,
         )
+        self.datapoints_rejected = Counter(
+            "governor_datapoints_rejected_total",
+            "Datapoints taken out of accepted requests and reported back to the client as "
+            "rejected (OTLP partial success), by reason.",
+            ["pipeline", "reason"],
+            registry=r,
+        )
         self.requests = Counter(
             "governor_receiver_requests_total",
-            "Requests answered by a receiver, by status code.",
+            "Requests answered by a receiver, by status code (HTTP status, or the gRPC code name "
+            "for OTLP/gRPC).",
             ["pipeline", "code"],
             registry=r,
         )

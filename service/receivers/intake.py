@@ -1,0 +1,123 @@
+"""Admission shared by every receiver of a pipeline: concurrency slots, the byte budget, the
+hand-off into the ingest channel, and bearer-token authentication.
+
+It never waits past a request's deadline: no slot, no budget or no room in the channel in time is
+backpressure (429 / RESOURCE_EXHAUSTED), a closed channel is draining (503 / UNAVAILABLE).
+"""
+
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+
+import trio
+
+from service.config import IngestConfig, ReceiverAuthConfig
+from service.pipeline.budget import ByteBudget
+from service.pipeline.items import Ingested
+from service.receivers.http import Rejected
+
+
+class Intake:
+    """The bounded entry into one pipeline, shared by its receivers (PRW; OTLP gRPC and HTTP)."""
+
+    def __init__(
+        self,
+        cfg: IngestConfig,
+        tx: trio.MemorySendChannel[Ingested],
+        budget: ByteBudget,
+        *,
+        ack_after_queue: bool = False,
+    ) -> None:
+        """`ack_after_queue`: items carry a `done` event, set once their batch is queued (disk
+        and hybrid queues); receivers answer only then."""
+        self.cfg = cfg
+        self.tx = tx
+        self.budget = budget
+        self.ack_after_queue = ack_after_queue
+        self._slots = trio.Semaphore(cfg.max_concurrent_requests)
+        self._retry_after = [(b"retry-after", str(cfg.retry_after_s).encode())]
+
+    def deadline(self) -> float:
+        """The deadline of every wait of a request that arrives now."""
+        return trio.current_time() + self.cfg.ingest_wait_s
+
+    async def acquire_slot(self, deadline: float) -> None:
+        """Take one of `max_concurrent_requests` slots; raises Rejected(429) at `deadline`.
+        Tries without waiting first, so ingest_wait_s: 0 means "only if there is room"."""
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            with trio.move_on_at(deadline) as waited:
+                await self._slots.acquire()
+            if waited.cancelled_caught:
+                raise self.backpressure("too many requests in progress") from None
+
+    def release_slot(self) -> None:
+        self._slots.release()
+
+    def done_event(self) -> trio.Event | None:
+        """The event a new item should carry (None when the answer is given at hand-over)."""
+        return trio.Event() if self.ack_after_queue else None
+
+    async def hand_over(self, item: Ingested, deadline: float) -> None:
+        """Reserve the item's bytes and send it to the batcher, both within `deadline`.
+        Raises Rejected(429) when there is no room in time, Rejected(503) once draining."""
+        size = len(item.block)
+        if not self.budget.try_acquire(size):
+            with trio.move_on_at(deadline) as waited:
+                await self.budget.acquire(size)
+            if waited.cancelled_caught:
+                raise self.backpressure("ingest buffer is full")
+        handed_over = False
+        try:
+            try:
+                self.tx.send_nowait(item)  # no wait at all when there is room
+                handed_over = True
+            except trio.WouldBlock:
+                with trio.move_on_at(deadline):
+                    await self.tx.send(item)
+                    handed_over = True
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise self.draining() from None
+        finally:
+            if not handed_over:  # the batcher never saw these bytes: give them back
+                self.budget.release(size)
+        if not handed_over:
+            raise self.backpressure("ingest queue is full")
+
+    def backpressure(self, why: str) -> Rejected:
+        return Rejected(429, "backpressure", f"{why}; retry later", self._retry_after)
+
+    def draining(self) -> Rejected:
+        return Rejected(503, "draining", "shutting down; retry later", self._retry_after)
+
+
+class Authenticator:
+    """Checks `Authorization: Bearer <token>` against the configured tokens (constant time)."""
+
+    def __init__(self, cfg: ReceiverAuthConfig) -> None:
+        tokens = list(cfg.bearer_tokens)
+        if cfg.bearer_tokens_file:
+            lines = Path(cfg.bearer_tokens_file).read_text().splitlines()
+            tokens += [t.strip() for t in lines if t.strip() and not t.startswith("#")]
+        self._tokens = [t.encode() for t in tokens]
+        self.enabled = cfg.enabled
+
+    def check(self, authorization: str) -> None:
+        """Raises Rejected(401) unless auth is off or `authorization` carries a known token."""
+        if not self.enabled:
+            return
+        scheme, _, token = authorization.strip().partition(" ")
+        given = token.strip().encode()
+        ok = False
+        if scheme.lower() == "bearer" and given:
+            for known in self._tokens:  # no early exit: the time taken says nothing
+                ok |= hmac.compare_digest(known, given)
+        if not ok:
+            raise Rejected(
+                401,
+                "unauthenticated",
+                "missing or unknown bearer token",
+                [(b"www-authenticate", b'Bearer realm="governor"')],
+            )

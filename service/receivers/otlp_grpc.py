@@ -1,0 +1,187 @@
+"""The OTLP/gRPC metrics receiver: MetricsService/Export on grpcio's server.
+
+grpcio runs its own threads (it decompresses gzip and deflate, enforces the message size limit and
+keepalive); each call is decoded in its thread and handed into the Trio pipeline with
+`trio.from_thread.run`. Status codes: OK (with partial_success when part of the request was
+rejected), INVALID_ARGUMENT for undecodable data, RESOURCE_EXHAUSTED with a RetryInfo on
+backpressure, UNAUTHENTICATED, UNAVAILABLE while draining. It never blocks a call past
+`ingest_wait_s` for room in the pipeline.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Awaitable, Callable
+
+import grpc
+import trio
+from google.protobuf.any_pb2 import Any as AnyMessage
+from google.protobuf.duration_pb2 import Duration
+from google.rpc.error_details_pb2 import RetryInfo
+from google.rpc.status_pb2 import Status
+
+from service.codec import otlp
+from service.codec.errors import CodecError
+from service.config import OTLPReceiverConfig, parse_listen
+from service.pipeline.items import Ingested
+from service.receivers.http import GRPC_CODE, Rejected, rejection
+from service.receivers.intake import Authenticator, Intake
+from service.telemetry import logs
+from service.telemetry.health import Health
+from service.telemetry.metrics import Metrics
+
+PIPELINE = "otlp"
+_DETAILS_KEY = "grpc-status-details-bin"  # where google.rpc.Status travels (gRPC richer errors)
+
+
+class OTLPGRPCReceiver:
+    """Serves MetricsService/Export; `serve()` runs the server until its trigger returns."""
+
+    def __init__(
+        self,
+        cfg: OTLPReceiverConfig,
+        intake: Intake,
+        *,
+        metrics: Metrics,
+        health: Health,
+        log_interval_s: float = 10.0,
+    ) -> None:
+        self.cfg = cfg
+        self.intake = intake
+        self.health = health
+        self.auth = Authenticator(cfg.auth)
+        self._log = logs.RateLimited(logs.get("receiver.otlp_grpc"), log_interval_s)
+        self._received = metrics.datapoints_received.labels(PIPELINE)
+        self._rejected_points = metrics.datapoints_rejected.labels(PIPELINE, "unnamed_metric")
+        self._requests = metrics.requests
+        self._rejected = metrics.rejected
+        self._ok = metrics.requests.labels(PIPELINE, "OK")
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._retry_details = _retry_info(cfg.retry_after_s)
+
+    async def serve(
+        self,
+        shutdown_trigger: Callable[[], Awaitable[None]],
+        *,
+        task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until `shutdown_trigger` returns; then refuse new calls and let the ones in
+        progress finish (they are handed over or answered UNAVAILABLE). Reports the address
+        really bound."""
+        self._token = trio.lowlevel.current_trio_token()
+        g = self.cfg.grpc
+        host, port = parse_listen(g.listen)
+        server = grpc.server(
+            concurrent.futures.ThreadPoolExecutor(g.threads, thread_name_prefix="otlp-grpc"),
+            handlers=[
+                grpc.method_handlers_generic_handler(
+                    otlp.SERVICE, {"Export": grpc.unary_unary_rpc_method_handler(self._export)}
+                )
+            ],
+            options=_server_options(self.cfg),
+            maximum_concurrent_rpcs=g.threads * 4,
+        )
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            bound = server.add_insecure_port(address)
+        except RuntimeError as e:
+            raise OSError(f"OTLP/gRPC cannot listen on {g.listen}: {e}") from None
+        server.start()
+        try:
+            task_status.started([(host, bound)])
+            await shutdown_trigger()
+        finally:
+            # Refuses new calls at once; calls in progress get `grace` seconds to finish. Their
+            # hand-over runs on this loop, so wait in a thread instead of blocking it.
+            stopped = server.stop(grace=5.0)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(stopped.wait, abandon_on_cancel=True)
+
+    def _export(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        """One call, in a grpcio thread: decode here, hand over on the Trio loop."""
+        try:
+            admitted = self._admit(request, context)
+            if admitted.datapoints or admitted.metrics:
+                trio.from_thread.run(self._hand_over, admitted, trio_token=self._token)
+        except Rejected as r:
+            self._refuse(r, context)  # raises
+        except (trio.RunFinishedError, trio.Cancelled):
+            self._refuse(self.intake.draining(), context)
+        self._ok.inc()
+        if admitted.rejected:
+            self._rejected_points.inc(admitted.rejected)
+        return otlp.response(admitted.rejected, admitted.message)
+
+    def _admit(self, request: bytes, context: grpc.ServicerContext) -> otlp.Admitted:
+        metadata = dict(context.invocation_metadata())
+        self.auth.check(metadata.get("authorization", ""))
+        if self.health.draining:
+            raise self.intake.draining()
+        try:
+            return otlp.admit(request)
+        except CodecError as e:
+            raise rejection(e) from None
+
+    async def _hand_over(self, admitted: otlp.Admitted) -> None:
+        done = self.intake.done_event()
+        item = Ingested(
+            admitted.data, len(admitted.data), admitted.metrics, admitted.datapoints, done
+        )
+        await self.intake.hand_over(item, self.intake.deadline())
+        self._received.inc(admitted.datapoints)
+        if done is not None:
+            await done.wait()
+
+    def _refuse(self, r: Rejected, context: grpc.ServicerContext) -> None:
+        code = GRPC_CODE.get(r.status, grpc.StatusCode.INTERNAL)
+        self._requests.labels(PIPELINE, code.name).inc()
+        self._rejected.labels(PIPELINE, r.reason).inc()
+        if r.status == 429:
+            # RetryInfo tells clients that understand it (the OTel SDKs and Collector) that
+            # retrying helps, and when.
+            status = Status(code=code.value[0], message=str(r), details=[self._retry_details])
+            context.set_trailing_metadata(((_DETAILS_KEY, status.SerializeToString()),))
+        elif r.status != 503:
+            self._log.warning(
+                r.reason,
+                "rejected request",
+                reason=r.reason,
+                code=code.name,
+                detail=str(r),
+                client=context.peer(),
+            )
+        context.abort(code, str(r))
+
+
+def _retry_info(retry_after_s: int) -> AnyMessage:
+    details = AnyMessage()
+    details.Pack(RetryInfo(retry_delay=Duration(seconds=retry_after_s)))
+    return details
+
+
+def _server_options(cfg: OTLPReceiverConfig) -> list[tuple[str, int]]:
+    g = cfg.grpc
+
+    def ms(seconds: float) -> int:
+        return int(seconds * 1000)
+
+    options = [
+        # grpcio's limit applies to the message after decompression, so it caps zip bombs too.
+        ("grpc.max_receive_message_length", cfg.max_decompressed_bytes),
+        ("grpc.max_send_message_length", 4 * 1024 * 1024),
+        ("grpc.keepalive_time_ms", ms(g.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", ms(g.keepalive_timeout_s)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", ms(g.min_ping_interval_s)),
+        ("grpc.http2.max_pings_without_data", 0),
+        # grpcio sets SO_REUSEPORT by default: a second governor would share the port silently.
+        ("grpc.so_reuseport", 0),
+    ]
+    for key, seconds in (
+        ("grpc.max_connection_idle_ms", g.max_connection_idle_s),
+        ("grpc.max_connection_age_ms", g.max_connection_age_s),
+        ("grpc.max_connection_age_grace_ms", g.max_connection_age_grace_s),
+    ):
+        if seconds:
+            options.append((key, ms(seconds)))
+    return options

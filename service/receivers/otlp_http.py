@@ -1,0 +1,152 @@
+"""The OTLP/HTTP metrics receiver: POST /v1/metrics, protobuf or JSON, gzip/zstd/deflate bodies.
+
+Owns request validation and the hand-off to the OTLP pipeline's intake. It answers in the request's
+encoding (an ExportMetricsServiceResponse, with partial_success when part of the request was
+rejected; a google.rpc.Status on errors), never waits past `ingest_wait_s` for room (then 429),
+and never lets one client's bad body reach a batch that other clients share.
+"""
+
+from __future__ import annotations
+
+import trio
+from google.rpc.status_pb2 import Status
+
+from service.codec import compression, otlp
+from service.codec.errors import CodecError
+from service.config import OTLPReceiverConfig
+from service.pipeline.items import Ingested
+from service.receivers.http import (
+    GRPC_CODE,
+    Receive,
+    Rejected,
+    Scope,
+    Send,
+    header,
+    lifespan,
+    read_body,
+    rejection,
+    respond,
+)
+from service.receivers.intake import Authenticator, Intake
+from service.receivers.prw import client_address
+from service.telemetry import logs
+from service.telemetry.health import Health
+from service.telemetry.metrics import Metrics
+
+PATH = "/v1/metrics"
+PIPELINE = "otlp"
+_TYPES = {otlp.PROTOBUF: False, otlp.JSON: True}  # media type -> is JSON
+
+
+class OTLPHTTPReceiver:
+    """ASGI app for OTLP/HTTP metrics."""
+
+    def __init__(
+        self,
+        cfg: OTLPReceiverConfig,
+        intake: Intake,
+        *,
+        metrics: Metrics,
+        health: Health,
+        log_interval_s: float = 10.0,
+    ) -> None:
+        self.cfg = cfg
+        self.intake = intake
+        self.health = health
+        self.auth = Authenticator(cfg.auth)
+        self._log = logs.RateLimited(logs.get("receiver.otlp_http"), log_interval_s)
+        self._received = metrics.datapoints_received.labels(PIPELINE)
+        self._rejected_points = metrics.datapoints_rejected
+        self._requests = metrics.requests
+        self._rejected = metrics.rejected
+        self._ok = metrics.requests.labels(PIPELINE, "200")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        media = header(scope, b"content-type").partition(";")[0].strip().lower()
+        json_body = _TYPES.get(media, False)
+        try:
+            admitted = await self._handle(scope, receive, media)
+        except Rejected as r:
+            self._requests.labels(PIPELINE, str(r.status)).inc()
+            self._rejected.labels(PIPELINE, r.reason).inc()
+            if r.status != 429 and r.status != 503:
+                self._log.warning(
+                    r.reason,
+                    "rejected request",
+                    reason=r.reason,
+                    status=r.status,
+                    detail=str(r),
+                    client=client_address(scope),
+                )
+            body, ctype = _status_body(r, media)
+            await respond(send, r.status, body, ctype, headers=r.headers)
+            return
+        self._ok.inc()
+        rejected, message = (admitted.rejected, admitted.message) if admitted else (0, "")
+        if rejected:
+            self._rejected_points.labels(PIPELINE, "unnamed_metric").inc(rejected)
+        body = otlp.response(rejected, message, json_body=json_body)
+        await respond(send, 200, body, (otlp.JSON if json_body else otlp.PROTOBUF).encode())
+
+    async def _handle(self, scope: Scope, receive: Receive, media: str) -> otlp.Admitted | None:
+        if scope["path"] != PATH:
+            raise Rejected(404, "not_found", f"no such path {scope['path']!r}; use {PATH}")
+        if scope["method"] != "POST":
+            raise Rejected(405, "method_not_allowed", "use POST", headers=[(b"allow", b"POST")])
+        self.auth.check(header(scope, b"authorization"))
+        if media not in _TYPES:
+            raise Rejected(
+                415,
+                "unsupported_media_type",
+                f"content-type {media!r} is not {otlp.PROTOBUF} or {otlp.JSON}",
+            )
+        if self.health.draining:
+            raise self.intake.draining()
+        deadline = self.intake.deadline()
+        await self.intake.acquire_slot(deadline)
+        try:
+            admitted, done = await self._ingest(scope, receive, _TYPES[media], deadline)
+        finally:
+            self.intake.release_slot()
+        if done is not None:
+            # Disk and hybrid queues: answer once the batch holding this request is queued.
+            await done.wait()
+        return admitted
+
+    async def _ingest(
+        self, scope: Scope, receive: Receive, json_body: bool, deadline: float
+    ) -> tuple[otlp.Admitted, trio.Event | None]:
+        body = await read_body(scope, receive, self.cfg.max_request_bytes)
+        try:
+            data = compression.decompress(
+                body, header(scope, b"content-encoding"), self.cfg.max_decompressed_bytes
+            )
+            del body
+            admitted = otlp.admit(data, json_body=json_body)
+        except CodecError as e:
+            raise rejection(e) from None
+        if not admitted.datapoints and not admitted.metrics:
+            return admitted, None
+        done = self.intake.done_event()
+        item = Ingested(
+            admitted.data, len(admitted.data), admitted.metrics, admitted.datapoints, done
+        )
+        await self.intake.hand_over(item, deadline)
+        self._received.inc(admitted.datapoints)
+        return admitted, done
+
+
+def _status_body(r: Rejected, media: str) -> tuple[bytes, bytes]:
+    """The error body the OTLP specification asks for: a google.rpc.Status in the request's
+    encoding (plain text when the request's content type is not one of OTLP's)."""
+    if media not in _TYPES:
+        return (str(r) + "\n").encode(), b"text/plain; charset=utf-8"
+    status = Status(code=GRPC_CODE.get(r.status, GRPC_CODE[400]).value[0], message=str(r))
+    if _TYPES[media]:
+        return otlp.status_json(status), otlp.JSON.encode()
+    return status.SerializeToString(), otlp.PROTOBUF.encode()
