@@ -28,6 +28,16 @@ from service.config import (
 # flag -> (config path, type, help)
 _FLAGS: dict[str, tuple[str, type, str]] = {
     "--prw-listen": ("prw.receiver.listen", str, "PRW receiver address, host:port (default :9091)"),
+    "--otlp-grpc-listen": (
+        "otlp.receiver.grpc.listen",
+        str,
+        "OTLP/gRPC receiver address (default :4317; empty turns it off)",
+    ),
+    "--otlp-http-listen": (
+        "otlp.receiver.http.listen",
+        str,
+        "OTLP/HTTP receiver address (default :4318; empty turns it off)",
+    ),
     "--telemetry-listen": (
         "telemetry.listen",
         str,
@@ -44,7 +54,8 @@ _FLAGS: dict[str, tuple[str, type, str]] = {
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="governor",
-        description="Metrics governance proxy: receives Prometheus Remote Write, forwards it.",
+        description="Metrics governance proxy: receives OTLP metrics and Prometheus Remote "
+        "Write, forwards them.",
     )
     p.add_argument("--config", type=Path, help="YAML configuration file")
     for flag, (_, tp, help_) in _FLAGS.items():
@@ -54,6 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="URL",
         help="remote-write URL to forward to; repeat for fan-out (replaces prw.exporters)",
+    )
+    p.add_argument(
+        "--otlp-export-endpoint",
+        action="append",
+        metavar="ENDPOINT",
+        help="OTLP endpoint to forward to (gRPC host:port, or an http(s) URL); repeat for "
+        "fan-out (replaces otlp.exporters)",
+    )
+    p.add_argument(
+        "--otlp-export-protocol",
+        choices=("grpc", "http"),
+        help="protocol of the --otlp-export-endpoint endpoints (default grpc)",
     )
     p.add_argument("--check-config", action="store_true", help="validate the config and exit")
     p.add_argument(
@@ -78,6 +101,15 @@ def load_config(args: argparse.Namespace) -> Config:
             set_path(data, path, value)
     if args.prw_export_url:
         set_path(data, "prw.exporters", [{"url": u} for u in args.prw_export_url])
+    if args.otlp_export_endpoint:
+        protocol = {"protocol": args.otlp_export_protocol} if args.otlp_export_protocol else {}
+        set_path(
+            data,
+            "otlp.exporters",
+            [{"endpoint": e, **protocol} for e in args.otlp_export_endpoint],
+        )
+    elif args.otlp_export_protocol:
+        raise ConfigError(["--otlp-export-protocol: needs --otlp-export-endpoint"])
     return config_from_dict(data)
 
 
