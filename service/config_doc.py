@@ -71,6 +71,12 @@ DESCRIPTIONS: dict[str, str] = {
     "many seconds without a new request. Keep it above your clients' send interval.",
     "prw.receiver.read_timeout_s": "A request's head and body must arrive within this many "
     "seconds (the first request of a connection included), or the connection is closed.",
+    "prw.receiver.auth": "Bearer-token authentication of clients. Off while no token is set.",
+    "prw.receiver.auth.bearer_tokens": "Tokens clients may send as `Authorization: Bearer "
+    "<token>`; a request without one of them is answered 401 (`unauthenticated`). Printed "
+    "redacted by `--print-config`; prefer `bearer_tokens_file`.",
+    "prw.receiver.auth.bearer_tokens_file": "File with one accepted token per line (blank "
+    "lines and lines starting with `#` are skipped), read at start; adds to `bearer_tokens`.",
     "prw.batch": "How accepted requests are joined into batches before they are queued. A batch "
     "is flushed by whichever limit is reached first.",
     "prw.batch.max_series": "Flush once the batch holds this many series.",
@@ -161,7 +167,110 @@ DESCRIPTIONS: dict[str, str] = {
     "shutdown_grace_s": "Phase one of shutdown (draining) lasts at most this long after SIGTERM "
     "or SIGINT; then phase two cancels what is left and counts it as dropped (`shutdown`). "
     "Keep the service manager's stop timeout longer than this.",
+    # ---- otlp
+    "otlp": "The OpenTelemetry (OTLP) metrics pipeline: gRPC and HTTP receivers, batcher, one "
+    "queue per exporter, exporters. It runs when `otlp.exporters` is not empty. Nothing is "
+    "converted to or from remote write.",
+    "otlp.receiver": "The OTLP receivers: gRPC (`MetricsService/Export`) and HTTP "
+    "(`POST /v1/metrics`, protobuf or JSON). Both share the limits below.",
+    "otlp.receiver.max_request_bytes": "OTLP/HTTP: largest request body accepted, as sent "
+    "(compressed); a larger body is answered 413 without being read further.",
+    "otlp.receiver.max_decompressed_bytes": "Largest request after decompression. OTLP/HTTP "
+    "answers 413 past it and stops decompressing there; OTLP/gRPC hands it to grpcio as the "
+    "largest message it receives (after decompression), answered RESOURCE_EXHAUSTED. So a zip "
+    "bomb costs at most this much memory. Must be at least `max_request_bytes`.",
+    "otlp.receiver.ingest_max_bytes": "Bytes of accepted requests that may wait between the "
+    "receivers and the batcher, the open batch included, counted as serialized protobuf. A "
+    "request that finds no room within `ingest_wait_s` is answered 429 / RESOURCE_EXHAUSTED. "
+    "Must be at least `max_decompressed_bytes`.",
+    "otlp.receiver.retry_after_s": "Seconds a refused client is told to wait: the `Retry-After` "
+    "header of HTTP 429 and 503, and the RetryInfo of gRPC RESOURCE_EXHAUSTED.",
+    "otlp.receiver.grpc": "The OTLP/gRPC receiver (grpcio's server, in its own threads). It "
+    "takes gzip and deflate compressed messages.",
+    "otlp.receiver.grpc.listen": "Address to listen on, `host:port`, `[v6]:port` or `:port` "
+    "(all IPv4 interfaces). Empty turns the gRPC receiver off.",
+    "otlp.receiver.grpc.keepalive_time_s": "The server pings a connection idle for this long "
+    "(grpc-go's `keepalive.ServerParameters.Time`).",
+    "otlp.receiver.grpc.keepalive_timeout_s": "A ping not answered within this closes the "
+    "connection.",
+    "otlp.receiver.grpc.min_ping_interval_s": "Clients may send keepalive pings this often, "
+    "also without calls in flight; a client pinging faster is disconnected (`too_many_pings`).",
+    "otlp.receiver.grpc.max_connection_idle_s": "Close a connection without calls for this "
+    "long. 0: never.",
+    "otlp.receiver.grpc.max_connection_age_s": "Close any connection this old (clients "
+    "reconnect, which spreads them over replicas behind a load balancer). 0: never.",
+    "otlp.receiver.grpc.max_connection_age_grace_s": "Calls in flight on a connection closed "
+    "for its age get this long to finish. 0: grpcio's default (no limit).",
+    "otlp.receiver.grpc.threads": "grpcio server threads: calls decoded and handed to the "
+    "pipeline at the same time. Calls past four times this are answered RESOURCE_EXHAUSTED "
+    "by grpcio at once.",
+    "otlp.receiver.http": "The OTLP/HTTP receiver, `POST /v1/metrics`, on the same HTTP/1.1 "
+    "server as the remote-write receiver. Bodies: protobuf (`application/x-protobuf`) or "
+    "JSON (`application/json`), identity, gzip, zstd or deflate; the answer uses the "
+    "request's encoding.",
+    "otlp.receiver.http.listen": "Address to listen on. Empty turns the HTTP receiver off.",
+    "otlp.batch": "How accepted requests are joined into batches before they are queued. A "
+    "batch is the requests' serialized protobuf one after another: every resource keeps its "
+    "own resource and scope entries. Flushed by whichever limit is reached first.",
+    "otlp.batch.max_datapoints": "Flush once the batch holds this many datapoints.",
+    "otlp.batch.max_bytes": "Flush once the batch holds this many bytes of serialized protobuf.",
+    "otlp.queue": "The queue in front of each OTLP exporter; the same settings and formats as "
+    "`prw.queue` (see docs/queue.md). OTLP batches are queued uncompressed; exporters compress "
+    "each attempt.",
+    "otlp.exporters": "OTLP backends (an OpenTelemetry Collector, a SaaS, a TSDB's OTLP "
+    "endpoint). Each gets every batch (fan-out), through its own queue and workers. "
+    "`--otlp-export-endpoint` replaces the whole list.",
+    "otlp.exporters[].endpoint": "protocol `grpc`: `host:port` or `http://host:port` "
+    "(plaintext), `https://host:port` (TLS). protocol `http`: the URL to POST to; a URL "
+    "without a path gets `/v1/metrics`.",
+    "otlp.exporters[].protocol": "`grpc`: `MetricsService/Export` with grpcio. `http`: "
+    "OTLP/HTTP protobuf POSTs.",
+    "otlp.exporters[].name": "The `exporter` label of metrics and log lines. Empty means the "
+    "endpoint without scheme and query. Names must be distinct.",
+    "otlp.exporters[].timeout_s": "gRPC: the deadline of each call. HTTP: the timeout of each "
+    "phase of a request (connect, write, read). A timeout is retried.",
+    "otlp.exporters[].compression": "Request compression: `gzip` (gRPC and HTTP), `zstd` "
+    "(HTTP only) or `none`.",
+    "otlp.exporters[].headers": "Extra headers (HTTP) or metadata (gRPC) for every request; "
+    "names are lower-cased. Printed redacted by `--print-config`.",
+    "otlp.exporters[].bearer_token": "Sent as `authorization: Bearer <token>` (HTTP header or "
+    "gRPC metadata). Prefer `bearer_token_file`.",
+    "otlp.exporters[].tls": "TLS for `https://` endpoints.",
+    "otlp.exporters[].tls.ca_file": "PEM file of the CA(s) that signed the backend's "
+    "certificate. Empty: the system's CAs.",
+    "otlp.exporters[].tls.cert_file": "PEM client certificate for mutual TLS, with `key_file`.",
+    "otlp.exporters[].tls.key_file": "PEM private key of `cert_file`.",
 }
+
+# Keys whose meaning is the same in both pipelines: described once, under the PRW path.
+SAME_AS = {
+    "otlp.receiver.max_concurrent_requests": "prw.receiver.max_concurrent_requests",
+    "otlp.receiver.ingest_queue_requests": "prw.receiver.ingest_queue_requests",
+    "otlp.receiver.ingest_wait_s": "prw.receiver.ingest_wait_s",
+    "otlp.receiver.auth": "prw.receiver.auth",
+    "otlp.receiver.http.keep_alive_max_requests": "prw.receiver.keep_alive_max_requests",
+    "otlp.receiver.http.keep_alive_timeout_s": "prw.receiver.keep_alive_timeout_s",
+    "otlp.receiver.http.read_timeout_s": "prw.receiver.read_timeout_s",
+    "otlp.batch.interval_s": "prw.batch.interval_s",
+    "otlp.batch.ack_linger_s": "prw.batch.ack_linger_s",
+    "otlp.queue.": "prw.queue.",
+    "otlp.exporters[].workers": "prw.exporters[].workers",
+    "otlp.exporters[].bearer_token_file": "prw.exporters[].bearer_token_file",
+    "otlp.exporters[].retry": "prw.exporters[].retry",
+    "otlp.exporters[].breaker": "prw.exporters[].breaker",
+}
+
+
+def describe(path: str, descriptions: dict[str, str] | None = None) -> str:
+    """The description of `path`, its own or that of the PRW key it shares (SAME_AS)."""
+    descriptions = DESCRIPTIONS if descriptions is None else descriptions
+    if path in descriptions:
+        return descriptions[path]
+    for dst, src in SAME_AS.items():
+        if path == dst or path.startswith(dst if dst.endswith(".") else dst + "."):
+            return descriptions.get(src + path[len(dst) :], "")
+    return ""
+
 
 _TOP = "(top level)"
 
@@ -201,7 +310,12 @@ _CONSTRAINTS = {
     config._non_negative: ">= 0",
     config._fraction: "0 to 1",
 }
-_FORMATS = {config._listen: "host:port", config._http_url: "URL"}
+_FORMATS = {
+    config._listen: "host:port",
+    config._listen_or_off: "host:port or empty",
+    config._http_url: "URL",
+    config._endpoint: "URL or host:port",
+}
 
 
 def _type_name(field: attrs.Attribute, tp: Any) -> str:
@@ -209,6 +323,8 @@ def _type_name(field: attrs.Attribute, tp: Any) -> str:
         return "one of " + ", ".join(f"`{a}`" for a in typing.get_args(tp))
     if typing.get_origin(tp) is dict:
         return "mapping of string to string"
+    if typing.get_origin(tp) is list:
+        return "list of strings"
     if tp is int and field.name.endswith("_bytes"):
         name = "size"
     else:
@@ -273,7 +389,7 @@ def check_descriptions(descriptions: dict[str, str] = DESCRIPTIONS) -> list[str]
     problems = [
         f"{p}: no description in service/config_doc.py"
         for p in paths
-        if not descriptions.get(p, "").strip()
+        if not describe(p, descriptions).strip()
     ]
     problems += [
         f"{p}: described in service/config_doc.py but not a config key"
@@ -313,10 +429,14 @@ descriptions in `service/config_doc.py`), then regenerate it:
   credentials in URLs replaced by `<redacted>`.
 - Files named in the configuration (`bearer_token_file`, `basic_auth.password_file`) are read when
   governor starts, not by `--check-config`.
-- Checks across keys: at least one exporter; `bearer_token` and `bearer_token_file` not both; a
-  bearer token and `basic_auth` not both; `retry.initial_delay_s` at most `retry.max_delay_s`;
-  `breaker.open_s` at most `breaker.max_open_s`; exporter names (given or derived from the URL)
-  distinct; `prw.receiver.max_decompressed_bytes` at least `prw.receiver.max_request_bytes`.
+- Checks across keys: at least one exporter in either pipeline (a pipeline without exporters
+  does not run, and its receivers do not listen); `bearer_token` and `bearer_token_file` not
+  both; a bearer token and `basic_auth` not both; `retry.initial_delay_s` at most
+  `retry.max_delay_s`; `breaker.open_s` at most `breaker.max_open_s`; exporter names (given or
+  derived from the URL) distinct within a pipeline; `max_decompressed_bytes` at least
+  `max_request_bytes` and `ingest_max_bytes` at least `max_decompressed_bytes`; an OTLP
+  exporter with protocol `http` has an http(s) URL, `zstd` only with `http`, TLS `cert_file`
+  and `key_file` together; the two OTLP receivers not both off.
 """
 
 _EXAMPLE = """\
@@ -360,6 +480,28 @@ prw:
       breaker:
         failure_threshold: 5
         open_s: 5
+otlp:                       # runs because it has exporters
+  receiver:
+    grpc:
+      listen: ":4317"       # MetricsService/Export; gzip and deflate accepted
+    http:
+      listen: ":4318"       # POST /v1/metrics, protobuf or JSON
+    auth:
+      bearer_tokens_file: /etc/governor/otlp-tokens
+  batch:
+    max_datapoints: 8192
+  queue:
+    mode: hybrid            # memory first, disk past 80 % of max_memory_bytes
+    dir: /var/lib/governor/queue
+  exporters:
+    - endpoint: "otel-collector:4317"   # plaintext gRPC
+      protocol: grpc
+      compression: gzip
+    - endpoint: "https://otlp.example.com/v1/metrics"
+      protocol: http
+      name: saas
+      compression: zstd
+      bearer_token_file: /etc/governor/saas-token
 shutdown_grace_s: 30        # keep systemd's TimeoutStopSec and docker's stop timeout longer
 """
 
@@ -407,12 +549,12 @@ def _reference(keys: list[Key]) -> list[str]:
         title = f"`{section}`" if section else _TOP
         out += [f"### {title}", ""]
         if section:
-            out += [DESCRIPTIONS[section.removesuffix("[]")], ""]
+            out += [describe(section.removesuffix("[]")), ""]
         out += ["| key | type | default | description |", "| --- | --- | --- | --- |"]
         for k in keys:
             if k.section != section:
                 continue
-            desc = DESCRIPTIONS[k.path]
+            desc = describe(k.path)
             if k.is_section:
                 desc = f"See `{k.path}{'[]' if k.type == 'list of sections' else ''}` below."
             desc = desc.replace("|", "\\|")
@@ -436,8 +578,9 @@ def generate() -> str:
     lines += ["## Command-line flags", ""]
     lines += [
         "Flags override the YAML file; `--prw-export-url` replaces `prw.exporters` as a whole "
-        "(each URL with default settings). Exit status: 0 when all is well, 2 for a bad "
-        "configuration or bad flags.",
+        "(each URL with default settings), and `--otlp-export-endpoint` replaces "
+        "`otlp.exporters` (each with `--otlp-export-protocol`, default grpc). Exit status: 0 "
+        "when all is well, 2 for a bad configuration or bad flags.",
         "",
     ]
     lines += _flag_rows(build_parser(), keys)

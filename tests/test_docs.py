@@ -46,14 +46,33 @@ def test_every_config_key_is_described_and_every_description_is_a_key() -> None:
 
 def test_check_descriptions_names_missing_and_unknown_keys() -> None:
     """With prw.queue.max_bytes removed and a made-up prw.queue.max_byte added, check_descriptions
-    returns exactly the two problems, one per offending path, in that order."""
+    returns exactly the problems, one per offending path, in key order: otlp.queue.max_bytes
+    shares prw.queue.max_bytes's description (SAME_AS), so it is missing too."""
     descriptions = dict(config_doc.DESCRIPTIONS)
     del descriptions["prw.queue.max_bytes"]
     descriptions["prw.queue.max_byte"] = "a typo"
     assert config_doc.check_descriptions(descriptions) == [
         "prw.queue.max_bytes: no description in service/config_doc.py",
+        "otlp.queue.max_bytes: no description in service/config_doc.py",
         "prw.queue.max_byte: described in service/config_doc.py but not a config key",
     ]
+
+
+def test_shared_keys_take_the_prw_description() -> None:
+    """An OTLP key listed in SAME_AS (directly or under a shared section) is described by the
+    PRW key it mirrors; an OTLP key with its own description keeps it."""
+    d = config_doc.DESCRIPTIONS
+    assert config_doc.describe("otlp.queue.mode") == d["prw.queue.mode"]
+    assert config_doc.describe("otlp.exporters[].retry.jitter") == d["prw.exporters[].retry.jitter"]
+    assert (
+        config_doc.describe("otlp.receiver.auth.bearer_tokens")
+        == (d["prw.receiver.auth.bearer_tokens"])
+    )
+    assert (
+        config_doc.describe("otlp.receiver.ingest_max_bytes")
+        == (d["otlp.receiver.ingest_max_bytes"])
+    )
+    assert config_doc.describe("otlp.no_such_key") == ""
 
 
 def test_generator_fails_loudly_without_a_description(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -111,9 +130,13 @@ async def test_every_registered_metric_is_in_operations_md() -> None:
 
 
 def _string_reason(node: ast.expr) -> str | None:
-    """A literal reason; in an f-string each substituted part is written '<code>'."""
+    """A literal reason; in an f-string each substituted part is written '<code>'; of `a or b`,
+    the first operand that is a literal."""
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return node.value
+    if isinstance(node, ast.BoolOp):
+        found = [r for r in map(_string_reason, node.values) if r is not None]
+        return found[0] if found else None
     if isinstance(node, ast.JoinedStr):
         return "".join(
             part.value if isinstance(part, ast.Constant) else "<code>" for part in node.values

@@ -139,7 +139,7 @@ class Exporter:
                 self._settle(batch, root)
                 return
             if outcome.kind is Kind.PERMANENT:
-                self.drop(batch.datapoints, outcome.reason)
+                self.drop(batch.datapoints, outcome.code or f"http_{outcome.status}")
                 self._rl.warning(
                     f"permanent{outcome.status}",
                     "backend refused a batch; dropped",

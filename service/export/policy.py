@@ -29,12 +29,9 @@ class Outcome:
     detail: str = ""
     # SUCCESS: datapoints the backend refused for good (OTLP partial success).
     rejected: int = 0
-    # PERMANENT: the reason the dropped datapoints are counted under; default http_<status>.
+    # PERMANENT: the reason the dropped datapoints are counted under (grpc_<code>); empty for
+    # HTTP, counted as http_<status>.
     code: str = ""
-
-    @property
-    def reason(self) -> str:
-        return self.code or f"http_{self.status}"
 
     @property
     def backend_alive(self) -> bool:
