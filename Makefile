@@ -7,7 +7,7 @@ CONFIG ?= deploy/governor.yaml
 # Debian packages the tests use: real peers (prometheus, victoria-metrics with vmagent),
 # docker-compose v1, which validates deploy/docker-compose.yml without a Docker engine, and
 # systemd for systemd-analyze, which verifies deploy/governor.service.
-PEER_PACKAGES := prometheus victoria-metrics docker-compose systemd
+PEER_PACKAGES := prometheus victoria-metrics docker-compose systemd openssl
 
 .PHONY: install peers run test lint format proto docs bench bench-codec clean
 
@@ -25,7 +25,7 @@ install: $(STAMP)
 
 # The real peers (Prometheus, victoria-metrics, vmagent) come from Debian; installed when root.
 peers:
-	@missing=""; for b in prometheus promtool victoria-metrics vmagent docker-compose systemd-analyze; do command -v $$b >/dev/null || missing=1; done; \
+	@missing=""; for b in prometheus promtool victoria-metrics vmagent docker-compose systemd-analyze openssl; do command -v $$b >/dev/null || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(PEER_PACKAGES); \
 	  else echo "need: sudo apt-get install $(PEER_PACKAGES)" >&2; exit 1; fi; fi
