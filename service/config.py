@@ -542,7 +542,9 @@ def to_dict(cfg: Any) -> Any:
     return attrs.asdict(cfg, recurse=True)
 
 
-def redact(data: Any, secret_keys: tuple[str, ...] = ("password", "bearer_token", "bearer_tokens")) -> Any:
+def redact(
+    data: Any, secret_keys: tuple[str, ...] = ("password", "bearer_token", "bearer_tokens")
+) -> Any:
     """Replace secret values with '<redacted>' for printing: passwords, tokens, URL
     credentials and every extra header value (headers often carry API keys)."""
     if isinstance(data, dict):
