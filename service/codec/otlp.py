@@ -104,15 +104,17 @@ def admit(data: bytes, *, json_body: bool = False) -> Admitted:
     req = decode_json(data) if json_body else decode(data)
     points, metrics = count(req)
     rejected = 0
+    removed = False
     for rm in req.resource_metrics:
         for sm in rm.scope_metrics:
             if any(not m.name for m in sm.metrics):
+                removed = True
                 keep = [m for m in sm.metrics if m.name]
                 rejected += sum(metric_points(m) for m in sm.metrics if not m.name)
                 metrics -= len(sm.metrics) - len(keep)
                 del sm.metrics[:]
                 sm.metrics.extend(keep)
-    if rejected or json_body:
+    if removed or json_body:
         data = req.SerializeToString()
     return Admitted(
         data,

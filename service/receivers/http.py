@@ -97,13 +97,14 @@ async def respond(
     send: Send,
     status: int,
     body: bytes = b"",
-    content_type: bytes = b"text/plain; charset=utf-8",
+    content_type: bytes | None = None,
     headers: list | None = None,
 ) -> None:
-    """Send a complete response."""
+    """Send a complete response. A body without `content_type` is sent as plain text; an
+    explicit `content_type` is sent even with an empty body (an empty protobuf message)."""
     hdrs = [(b"content-length", str(len(body)).encode())]
-    if body:
-        hdrs.append((b"content-type", content_type))
+    if content_type is not None or body:
+        hdrs.append((b"content-type", content_type or b"text/plain; charset=utf-8"))
     if headers:
         hdrs += headers
     await send({"type": "http.response.start", "status": status, "headers": hdrs})
