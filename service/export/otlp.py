@@ -12,7 +12,7 @@ import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import httpx
@@ -220,7 +220,7 @@ def metrics_url(endpoint: str) -> str:
     """The URL to POST to: `endpoint` itself, or with /v1/metrics when it has no path."""
     parts = urlsplit(endpoint)
     if parts.path in ("", "/"):
-        return endpoint.rstrip("/") + "/v1/metrics"
+        return urlunsplit(parts._replace(path="/v1/metrics"))
     return endpoint
 
 
@@ -246,7 +246,7 @@ def classify_grpc(
     """Classify a failed gRPC call as the OTLP specification says. RESOURCE_EXHAUSTED is
     retryable only when the server sent a RetryInfo; "larger than max" (either side's message
     limit) means split the batch."""
-    detail = f"{code.name}: {details}".strip()[:200]
+    detail = f"{code.name}: {details}".strip()[:500]
     reason = f"grpc_{code.name.lower()}"
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
         return Outcome(Kind.TOO_LARGE, detail=detail, code=reason)

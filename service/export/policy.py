@@ -54,7 +54,17 @@ def classify_http(status: int, headers: Mapping[str, str], body: bytes = b"") ->
 
 
 def network_error(exc: BaseException) -> Outcome:
-    return Outcome(Kind.RETRYABLE, None, None, f"{type(exc).__name__}: {exc}".strip())
+    """A retryable outcome whose detail names the error and its first cause that says
+    something (httpx wraps a refused TLS certificate in errors without a message)."""
+    detail = f"{type(exc).__name__}: {exc}".strip()
+    cause: BaseException | None = exc
+    seen = 0
+    while not str(cause) and cause is not None and seen < 10:
+        cause = cause.__cause__ or cause.__context__
+        seen += 1
+    if cause is not None and cause is not exc and str(cause):
+        detail += f" ({type(cause).__name__}: {cause})"
+    return Outcome(Kind.RETRYABLE, None, None, detail)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
