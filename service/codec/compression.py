@@ -56,16 +56,30 @@ def _snappy(body: bytes, limit: int) -> bytes:
 
 
 def _zlib(body: bytes, limit: int, wbits: int, name: str) -> bytes:
-    d = zlib.decompressobj(wbits)
-    try:
-        out = d.decompress(body, limit + 1)
-    except zlib.error:
-        raise BadCompression(f"body is not valid {name}") from None
-    if len(out) > limit:
-        raise DecompressedTooLarge(f"{name} body decompresses past the limit of {limit} bytes")
-    if not d.eof:
-        raise BadCompression(f"{name} body is truncated")
-    return out
+    """Decompress within `limit`. A gzip body may hold several members one after another (RFC
+    1952; gzip(1), Go and Python read them all): each is decompressed in turn. Anything left
+    after a zlib or raw deflate stream is an error, not silently ignored."""
+    parts = []
+    size = 0
+    rest = body
+    while True:
+        d = zlib.decompressobj(wbits)
+        try:
+            out = d.decompress(rest, limit - size + 1)
+        except zlib.error:
+            raise BadCompression(f"body is not valid {name}") from None
+        size += len(out)
+        if size > limit:
+            raise DecompressedTooLarge(f"{name} body decompresses past the limit of {limit} bytes")
+        if not d.eof:
+            raise BadCompression(f"{name} body is truncated")
+        parts.append(out)
+        rest = d.unused_data
+        if not rest:
+            break
+        if name != "gzip":
+            raise BadCompression(f"{name} body has data after its end")
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _zstd(body: bytes, limit: int) -> bytes:

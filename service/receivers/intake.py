@@ -100,7 +100,7 @@ class Authenticator:
         tokens = list(cfg.bearer_tokens)
         if cfg.bearer_tokens_file:
             lines = Path(cfg.bearer_tokens_file).read_text().splitlines()
-            tokens += [t.strip() for t in lines if t.strip() and not t.startswith("#")]
+            tokens += [t.strip() for t in lines if t.strip() and not t.strip().startswith("#")]
         self._tokens = [t.encode() for t in tokens]
         self.enabled = cfg.enabled
 

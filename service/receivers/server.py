@@ -214,7 +214,8 @@ class _Connection:
             # shutdown that began while the app ran also closes (the next read would refuse).
             if close or self.server.closing or self.h11.their_state is not h11.DONE:
                 headers = [*headers, (b"connection", b"close")]
-            body = b"".join(response["body"])
+            # A HEAD answer carries the headers of the would-be body, never the body.
+            body = b"" if scope["method"] == "HEAD" else b"".join(response["body"])
             await self._send(
                 h11.Response(status_code=response["status"], headers=headers),
                 h11.Data(body),
