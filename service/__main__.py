@@ -43,6 +43,7 @@ _FLAGS: dict[str, tuple[str, type, str]] = {
         str,
         "/metrics, /live and /ready address (default :8888)",
     ),
+    "--rules-file": ("rules.file", str, "rules file (YAML); reloaded on SIGHUP"),
     "--log-level": ("log.level", str, "debug, info, warning or error"),
     "--log-format": ("log.format", str, "json or logfmt"),
     "--shutdown-grace": ("shutdown_grace_s", float, "seconds to drain on SIGTERM before dropping"),
@@ -123,6 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         yaml.safe_dump(redact(to_dict(cfg)), sys.stdout, sort_keys=False)
         return 0
+    if cfg.rules.file:
+        from service.governance.rules import RulesError, load_rules
+
+        try:
+            load_rules(Path(cfg.rules.file).read_text())
+        except RulesError as e:
+            print(f"governor: {cfg.rules.file}: {e}", file=sys.stderr)
+            return 2
     if args.check_config:
         print("configuration is valid", file=sys.stderr)
         return 0

@@ -12,11 +12,13 @@ import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
 import trio
 
+from service.codec import compression
 from service.config import (
     Config,
     HTTPServerConfig,
@@ -28,6 +30,12 @@ from service.config import (
 from service.export.base import Exporter
 from service.export.otlp import otlp_exporter
 from service.export.prw import PRWExporter
+from service.governance import otlp as governance_otlp
+from service.governance import prw as governance_prw
+from service.governance.activity import RuleCollector
+from service.governance.engine import RuleEngine
+from service.governance.rules import RulesError, RuleSet, load_rules
+from service.governance.windows import Emitted
 from service.pipeline.batcher import Batcher
 from service.pipeline.budget import ByteBudget
 from service.pipeline.items import Ingested
@@ -77,13 +85,17 @@ class Pipeline:
     exporters: list[Exporter]
     rx: trio.MemoryReceiveChannel[Ingested]  # the batcher's end
     rx_left: trio.MemoryReceiveChannel[Ingested]  # a clone, to count what a hard stop leaves
+    engine: RuleEngine | None = None  # with a rules file
+    engine_tx: trio.MemorySendChannel[Ingested] | None = None  # where its windows go
 
 
 class App:
     """One governor process: `await app.run(task_status=...)`, stop with `app.shutdown()`."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, *, clock_ms: Callable[[], int] | None = None) -> None:
+        """`clock_ms` replaces the wall clock of the rule engines (tests use trio's clock)."""
         self.cfg = cfg
+        self.clock_ms = clock_ms
         self.metrics = Metrics()
         self.health = Health()
         self._stop = trio.Event()
@@ -92,6 +104,7 @@ class App:
         self.pipelines: list[Pipeline] = []
         self.exporters: list[Exporter] = []
         self.report: ShutdownReport | None = None
+        self.ruleset: RuleSet | None = None
 
     @property
     def batcher(self) -> Batcher | None:
@@ -130,10 +143,15 @@ class App:
         exporters, batcher and intake. Runs before any nursery opens, so a QueueLockedError
         reaches the caller as is."""
         cfg = self.cfg
+        if cfg.rules.file:
+            self.ruleset = load_rules(Path(cfg.rules.file).read_text())  # RulesError stops it
         if cfg.prw.exporters:
             self._build_pipeline("prw", cfg.prw)
         if cfg.otlp.exporters:
             self._build_pipeline("otlp", cfg.otlp)
+        engines = [p.engine for p in self.pipelines if p.engine is not None]
+        if engines:
+            self.metrics.registry.register(RuleCollector(engines))
 
     def _build_pipeline(self, name: str, pcfg: PRWConfig | OTLPConfig) -> None:
         interval = self.cfg.log.rate_limit_interval_s
@@ -165,7 +183,12 @@ class App:
         batcher = Batcher(pcfg.batch, queues, metrics=self.metrics, budget=budget, pipeline=name)
         tx, rx = trio.open_memory_channel[Ingested](pcfg.receiver.ingest_queue_requests)
         intake = Intake(pcfg.receiver, tx, budget, ack_after_queue=pcfg.queue.mode != "memory")
-        self.pipelines.append(Pipeline(name, intake, batcher, exporters, rx, rx.clone()))
+        pipeline = Pipeline(name, intake, batcher, exporters, rx, rx.clone())
+        if self.ruleset is not None:
+            pipeline.engine = RuleEngine(self.ruleset, pipeline=name, clock_ms=self.clock_ms)
+            pipeline.engine_tx = tx.clone()
+            intake.engine = pipeline.engine
+        self.pipelines.append(pipeline)
         self.exporters += exporters
 
     async def _run_pipelines(
@@ -182,8 +205,11 @@ class App:
                         await exporters.start(exporter.queue.run)
                     await exporters.start(exporter.run)
                 async with trio.open_nursery() as processing:
+                    stop_engines = trio.Event()
                     for p in self.pipelines:
                         processing.start_soon(p.batcher.run, p.rx)
+                        if p.engine is not None:
+                            processing.start_soon(self._run_engine, p, stop_engines)
                     async with contextlib.AsyncExitStack() as channels:
                         for p in self.pipelines:
                             await channels.enter_async_context(p.intake.tx)
@@ -214,7 +240,53 @@ class App:
                             )
                             pipeline_scope.deadline = trio.current_time() + cfg.shutdown_grace_s
                             stop_receiving.set()
+                    # Receivers are done: the engines emit their open windows, then close.
+                    stop_engines.set()
         self._report(clean=not pipeline_scope.cancelled_caught)
+
+    async def _run_engine(self, p: Pipeline, stop: trio.Event) -> None:
+        """The pipeline's rule engine: emits windows as they fall due, all of them at `stop`."""
+        assert p.engine is not None and p.engine_tx is not None
+        encode = governance_prw.encode if p.name == "prw" else governance_otlp.encode
+        snappy = p.name == "prw"
+
+        async def emit(emitted: list[Emitted]) -> None:
+            data, series, points = encode(emitted)
+            block = compression.compress(data, "snappy") if snappy else data
+            await p.intake.emit(p.engine_tx, Ingested(block, len(data), series, points))
+
+        async with p.engine_tx:
+            await p.engine.run(emit, stop, tick_s=self.cfg.rules.tick_s)
+
+    def reload_rules(self) -> bool:
+        """Read the rules file again (SIGHUP). A valid file replaces the rules of every
+        pipeline; a bad one keeps the old rules and logs every problem. Returns success."""
+        path = self.cfg.rules.file
+        if not path:
+            logs.log(log, logging.INFO, "SIGHUP: no rules file configured; nothing to reload")
+            return True
+        try:
+            ruleset = load_rules(Path(path).read_text())
+        except (OSError, RulesError) as e:
+            problems = e.problems if isinstance(e, RulesError) else [f"{path}: {e}"]
+            self.metrics.config_reloads.labels("failure").inc()
+            for problem in problems:
+                logs.log(log, logging.ERROR, "rules reload refused", file=path, problem=problem)
+            logs.log(
+                log,
+                logging.ERROR,
+                "rules reload failed; the old rules stay active",
+                file=path,
+                problems=len(problems),
+            )
+            return False
+        self.ruleset = ruleset
+        for p in self.pipelines:
+            if p.engine is not None:
+                p.engine.reload(ruleset)
+        self.metrics.config_reloads.labels("success").inc()
+        logs.log(log, logging.INFO, "rules reloaded", file=path, rules=len(ruleset.rules))
+        return True
 
     async def _start_receivers(
         self,
@@ -250,9 +322,7 @@ class App:
             async for signum in signals:
                 name = signal.Signals(signum).name
                 if signum == signal.SIGHUP:
-                    # Nothing in the running config can change without a restart yet; rules and
-                    # limits (the reloadable parts) arrive with the governance stage.
-                    logs.log(log, logging.INFO, "SIGHUP: nothing to reload", signal=name)
+                    self.reload_rules()
                     continue
                 logs.log(log, logging.INFO, "signal received", signal=name)
                 self.shutdown()

@@ -299,11 +299,21 @@ class OTLPConfig:
 
 
 @attrs.frozen
+class RulesConfig:
+    # The rules file (YAML; docs/rules.md). Empty: no rules, data passes untouched. Read at
+    # start and again on SIGHUP; a bad file at start stops the start, on SIGHUP keeps the old.
+    file: str = ""
+    # How often windows that are due are emitted and rules are checked for being dead.
+    tick_s: float = attrs.field(default=0.5, validator=_positive)
+
+
+@attrs.frozen
 class Config:
     log: LogConfig = attrs.field(factory=LogConfig)
     telemetry: TelemetryConfig = attrs.field(factory=TelemetryConfig)
     prw: PRWConfig = attrs.field(factory=PRWConfig)
     otlp: OTLPConfig = attrs.field(factory=OTLPConfig)
+    rules: RulesConfig = attrs.field(factory=RulesConfig)
     # Phase two of shutdown starts this long after SIGTERM: what is still queued is then dropped
     # (memory queue) and counted.
     shutdown_grace_s: float = attrs.field(default=30.0, validator=_positive)
@@ -327,6 +337,8 @@ def _cross_checks(cfg: Config) -> list[str]:
         pcfg = getattr(cfg, pipeline)
         problems += _queue_checks(pcfg.queue, f"{pipeline}.queue")
         problems += _ingest_checks(pcfg.receiver, f"{pipeline}.receiver")
+    if cfg.rules.file and not os.access(cfg.rules.file, os.R_OK):
+        problems.append(f"rules.file: cannot read {cfg.rules.file}")
     rc = cfg.otlp.receiver
     if cfg.otlp.exporters and not rc.grpc.listen and not rc.http.listen:
         problems.append("otlp.receiver: both grpc.listen and http.listen are empty")

@@ -65,6 +65,7 @@ class Admitted:
     metrics: int
     rejected: int = 0
     message: str = ""
+    request: ExportMetricsServiceRequest | None = attrs.field(default=None, eq=False, repr=False)
 
 
 def decode(data: bytes) -> ExportMetricsServiceRequest:
@@ -122,6 +123,7 @@ def admit(data: bytes, *, json_body: bool = False) -> Admitted:
         metrics,
         rejected,
         f"{rejected} datapoints of metrics without a name were rejected" if rejected else "",
+        req,
     )
 
 

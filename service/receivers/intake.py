@@ -13,6 +13,7 @@ from pathlib import Path
 import trio
 
 from service.config import IngestConfig, ReceiverAuthConfig
+from service.governance.engine import RuleEngine
 from service.pipeline.budget import ByteBudget
 from service.pipeline.items import Ingested
 from service.receivers.http import Rejected
@@ -35,6 +36,9 @@ class Intake:
         self.tx = tx
         self.budget = budget
         self.ack_after_queue = ack_after_queue
+        # The pipeline's rule engine (service/governance); receivers run it on each request
+        # before the hand-over, so the answer can say what was rejected.
+        self.engine: RuleEngine | None = None
         self._slots = trio.Semaphore(cfg.max_concurrent_requests)
         self._retry_after = [(b"retry-after", str(cfg.retry_after_s).encode())]
 
@@ -85,6 +89,16 @@ class Intake:
                 self.budget.release(size)
         if not handed_over:
             raise self.backpressure("ingest queue is full")
+
+    async def emit(self, tx: trio.MemorySendChannel[Ingested], item: Ingested) -> None:
+        """Send an item the pipeline made itself (emitted windows) through `tx`, waiting for
+        budget and room as long as it takes: its inputs were acknowledged already."""
+        await self.budget.acquire(len(item.block))
+        try:
+            await tx.send(item)
+        except BaseException:
+            self.budget.release(len(item.block))
+            raise
 
     def backpressure(self, why: str) -> Rejected:
         return Rejected(429, "backpressure", f"{why}; retry later", self._retry_after)

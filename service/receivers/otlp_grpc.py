@@ -23,6 +23,7 @@ from google.rpc.status_pb2 import Status
 from service.codec import otlp
 from service.codec.errors import CodecError
 from service.config import OTLPReceiverConfig, parse_listen
+from service.governance import otlp as governance
 from service.pipeline.items import Ingested
 from service.receivers.http import GRPC_CODE, Rejected, rejection
 from service.receivers.intake import Authenticator, Intake
@@ -102,6 +103,7 @@ class OTLPGRPCReceiver:
         try:
             admitted = self._admit(request, context)
             if admitted.datapoints or admitted.metrics:
+                # On the trio loop: the rules (their state lives there), then the hand-over.
                 trio.from_thread.run(self._hand_over, admitted, trio_token=self._token)
         except Rejected as r:
             self._refuse(r, context)  # raises
@@ -123,12 +125,18 @@ class OTLPGRPCReceiver:
             raise rejection(e) from None
 
     async def _hand_over(self, admitted: otlp.Admitted) -> None:
+        received = admitted.datapoints
+        if self.intake.engine is not None:
+            admitted = governance.apply(self.intake.engine, admitted)
+        if not admitted.datapoints and not admitted.metrics:
+            self._received.inc(received)
+            return
         done = self.intake.done_event()
         item = Ingested(
             admitted.data, len(admitted.data), admitted.metrics, admitted.datapoints, done
         )
         await self.intake.hand_over(item, self.intake.deadline())
-        self._received.inc(admitted.datapoints)
+        self._received.inc(received)
         if done is not None:
             await done.wait()
 

@@ -14,6 +14,7 @@ from google.rpc.status_pb2 import Status
 from service.codec import compression, otlp
 from service.codec.errors import CodecError
 from service.config import OTLPReceiverConfig
+from service.governance import otlp as governance
 from service.pipeline.items import Ingested
 from service.receivers.http import (
     GRPC_CODE,
@@ -130,14 +131,18 @@ class OTLPHTTPReceiver:
             admitted = otlp.admit(data, json_body=json_body)
         except CodecError as e:
             raise rejection(e) from None
+        received = admitted.datapoints
+        if self.intake.engine is not None:
+            admitted = governance.apply(self.intake.engine, admitted)
         if not admitted.datapoints and not admitted.metrics:
+            self._received.inc(received)
             return admitted, None
         done = self.intake.done_event()
         item = Ingested(
             admitted.data, len(admitted.data), admitted.metrics, admitted.datapoints, done
         )
         await self.intake.hand_over(item, deadline)
-        self._received.inc(admitted.datapoints)
+        self._received.inc(received)
         return admitted, done
 
 

@@ -12,6 +12,7 @@ import trio
 from service.codec import compression, prw
 from service.codec.errors import CodecError
 from service.config import ReceiverConfig
+from service.governance import prw as governance
 from service.pipeline.items import Ingested
 from service.receivers.http import (
     Receive,
@@ -122,24 +123,36 @@ class PRWReceiver:
     ) -> tuple[prw.Counts | None, trio.Event | None]:
         body = await read_body(scope, receive, self.cfg.max_request_bytes)
         encoding = header(scope, b"content-encoding")
+        engine = self.intake.engine
         try:
             data = compression.decompress(body, encoding, self.cfg.max_decompressed_bytes)
-            counts = prw.count(data)
+            if engine is None or not engine.active:
+                counts = received = prw.count(data)
+                governed = None
+            else:
+                governed = governance.govern(engine, data)
+                counts = prw.Counts(governed.series, governed.samples, governed.histograms)
+                received = prw.Counts(0, governed.in_samples, governed.in_histograms)
         except CodecError as e:
             raise rejection(e) from None
         if not counts.series:
-            return None, None
-        # Keep the snappy block the client sent (the batcher joins blocks without recompressing);
-        # other encodings are converted once, here.
-        block = (
-            body if encoding.strip().lower() == "snappy" else compression.compress(data, "snappy")
-        )
+            self._received.inc(received.datapoints)
+            return received, None
+        if governed is not None and governed.data is not None:
+            data = governed.data  # the rules changed it: encode once
+            block = compression.compress(data, "snappy")
+        elif encoding.strip().lower() == "snappy":
+            # Keep the snappy block the client sent (the batcher joins blocks without
+            # recompressing); other encodings are converted once, here.
+            block = body
+        else:
+            block = compression.compress(data, "snappy")
         done = self.intake.done_event()
         item = Ingested(block, len(data), counts.series, counts.datapoints, done)
         del body, data
         await self.intake.hand_over(item, deadline)
-        self._received.inc(counts.datapoints)
-        return counts, done
+        self._received.inc(received.datapoints)
+        return received, done
 
 
 def client_address(scope: Scope) -> str:

@@ -79,6 +79,12 @@ class Metrics:
             ["pipeline", "reason"],
             registry=r,
         )
+        self.config_reloads = Counter(
+            "governor_config_reloads_total",
+            "Reloads of the rules file on SIGHUP, by result (success, failure).",
+            ["result"],
+            registry=r,
+        )
         self.requests = Counter(
             "governor_receiver_requests_total",
             "Requests answered by a receiver, by status code (HTTP status, or the gRPC code name "

@@ -1,0 +1,1 @@
+"""Governance: the rules file, the rule engine both pipelines share, and rule activity."""
