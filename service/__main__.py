@@ -55,6 +55,8 @@ _FLAGS: dict[str, tuple[str, type, str]] = {
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="governor",
+        epilog="`governor rules test --rules FILE --input SAMPLE` tries a rules file on a sample "
+        "(docs/rules.md).",
         description="Metrics governance proxy: receives OTLP metrics and Prometheus Remote "
         "Write, forwards them.",
     )
@@ -115,6 +117,11 @@ def load_config(args: argparse.Namespace) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["rules"]:
+        from service import rules_cli
+
+        return rules_cli.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args)
