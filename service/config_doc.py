@@ -240,6 +240,13 @@ DESCRIPTIONS: dict[str, str] = {
     "certificate. Empty: the system's CAs.",
     "otlp.exporters[].tls.cert_file": "PEM client certificate for mutual TLS, with `key_file`.",
     "otlp.exporters[].tls.key_file": "PEM private key of `cert_file`.",
+    # ---- rules
+    "rules": "Governance rules for both pipelines (docs/rules.md).",
+    "rules.file": "The rules file (YAML, docs/rules.md). Empty: no rules; data passes untouched. "
+    "Read at start (a bad file stops the start, every problem listed; `--check-config` checks "
+    "it) and again on SIGHUP (a bad file keeps the old rules).",
+    "rules.tick_s": "How often due windows (downsample, aggregate) are emitted and rules are "
+    "checked for being dead.",
 }
 
 # Keys whose meaning is the same in both pipelines: described once, under the PRW path.
