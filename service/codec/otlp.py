@@ -232,8 +232,9 @@ def split(data: bytes) -> tuple[bytes, bytes] | None:
     """Split a serialized request into two requests of about half the datapoints each, keeping
     every datapoint under its own resource, scope and metric; None for a single datapoint.
 
-    Splits the outermost list that has two or more entries: resources, then scopes, then
-    metrics, then the datapoints of one metric.
+    Splits the outermost list that has two or more entries with datapoints: resources, then
+    scopes, then metrics, then the datapoints of one metric. Entries without datapoints carry
+    nothing a backend stores and are left out of the halves.
     """
     req = decode(data)
     halves = _split_request(req)
@@ -246,18 +247,16 @@ def _split_request(
     req: ExportMetricsServiceRequest,
 ) -> tuple[ExportMetricsServiceRequest, ExportMetricsServiceRequest] | None:
     first, second = ExportMetricsServiceRequest(), ExportMetricsServiceRequest()
-    rms = req.resource_metrics
+    weighed = [(rm, _resource_points(rm)) for rm in req.resource_metrics]
+    rms = [rm for rm, w in weighed if w]
     if len(rms) >= 2:
-        cut = _cut(
-            [sum(metric_points(m) for sm in rm.scope_metrics for m in sm.metrics) for rm in rms]
-        )
+        cut = _cut([w for _, w in weighed if w])
         first.resource_metrics.extend(rms[:cut])
         second.resource_metrics.extend(rms[cut:])
         return first, second
     if not rms:
         return None
-    rm = rms[0]
-    halves = _split_resource(rm)
+    halves = _split_resource(rms[0])
     if halves is None:
         return None
     first.resource_metrics.append(halves[0])
@@ -265,14 +264,19 @@ def _split_request(
     return first, second
 
 
+def _resource_points(rm: ResourceMetrics) -> int:
+    return sum(metric_points(m) for sm in rm.scope_metrics for m in sm.metrics)
+
+
 def _split_resource(rm: ResourceMetrics) -> tuple[ResourceMetrics, ResourceMetrics] | None:
     a, b = (
         _shell(rm, ResourceMetrics, "scope_metrics"),
         _shell(rm, ResourceMetrics, "scope_metrics"),
     )
-    sms = rm.scope_metrics
+    weighed = [(sm, sum(metric_points(m) for m in sm.metrics)) for sm in rm.scope_metrics]
+    sms = [sm for sm, w in weighed if w]
     if len(sms) >= 2:
-        cut = _cut([sum(metric_points(m) for m in sm.metrics) for sm in sms])
+        cut = _cut([w for _, w in weighed if w])
         a.scope_metrics.extend(sms[:cut])
         b.scope_metrics.extend(sms[cut:])
         return a, b
@@ -288,7 +292,7 @@ def _split_resource(rm: ResourceMetrics) -> tuple[ResourceMetrics, ResourceMetri
 
 def _split_scope(sm: ScopeMetrics) -> tuple[ScopeMetrics, ScopeMetrics] | None:
     a, b = _shell(sm, ScopeMetrics, "metrics"), _shell(sm, ScopeMetrics, "metrics")
-    ms = sm.metrics
+    ms = [m for m in sm.metrics if metric_points(m)]
     if len(ms) >= 2:
         cut = _cut([metric_points(m) for m in ms])
         a.metrics.extend(ms[:cut])
