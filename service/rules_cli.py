@@ -81,7 +81,7 @@ def exposition_to_write_request(text: str, now_ms: int) -> WriteRequest:
             ts = req.timeseries.add()
             labels = sorted({**s.labels, "__name__": s.name}.items())
             ts.labels.extend(governance_prw.Label(name=k, value=v) for k, v in labels)
-            stamp = int(s.timestamp * 1000) if s.timestamp is not None else now_ms
+            stamp = round(s.timestamp * 1000) if s.timestamp is not None else now_ms
             ts.samples.add(value=s.value, timestamp=stamp)
     return req
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-import re
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -68,6 +67,8 @@ class RuleStats:
     skipped: int = 0  # datapoints of kinds the rule does not handle (passed on unchanged)
     last_match: float | None = None  # clock seconds
     dead: bool = False
+    # Clock seconds when the rule was loaded (dead_after counts from here); not part of equality.
+    since: float = attrs.field(default=0.0, eq=False)
 
 
 class RuleEngine:
@@ -86,10 +87,8 @@ class RuleEngine:
         self.clock_ms = clock_ms or _wall_clock_ms
         self.rand = rand
         self.stats: dict[str, RuleStats] = {}
-        self._loaded_at = self.clock_ms() / 1000
         self._states: dict[str, Any] = {}
         self._heads: dict[str, dict[Any, int]] = {}
-        self.counter_names: set[str] = set()  # input metrics known to be counters (aggregate)
         self._pending: list[Emitted] = []  # windows closed by a series moving on to the next
         self._apply(ruleset)
 
@@ -105,7 +104,8 @@ class RuleEngine:
         heads: dict[str, dict[Any, int]] = {}
         for rule in self.rules:
             same = old_rules.get(rule.name) == rule
-            self.stats.setdefault(rule.name, RuleStats())
+            if rule.name not in self.stats:
+                self.stats[rule.name] = RuleStats(since=self.clock_ms() / 1000)
             if isinstance(rule.settings, Downsample):
                 states[rule.name] = (
                     self._states[rule.name]
@@ -120,7 +120,9 @@ class RuleEngine:
                 )
             elif isinstance(rule.settings, Sample) and rule.settings.method == "head":
                 heads[rule.name] = self._heads.get(rule.name, {}) if same else {}
-        self._orphans = [s for n, s in self._states.items() if states.get(n) is not s]
+        self._orphans = getattr(self, "_orphans", []) + [
+            s for n, s in self._states.items() if states.get(n) is not s
+        ]
         self._states, self._heads = states, heads
         for name in list(self.stats):
             if name not in {r.name for r in self.rules}:
@@ -185,6 +187,7 @@ class RuleEngine:
             st = self.stats[rule.name]
             if not now_s:
                 now_s = self.clock_ms() / 1000
+            before = st.last_match
             st.last_match = now_s
             st.input += n
             action = rule.action
@@ -209,7 +212,8 @@ class RuleEngine:
             verdict = self._terminal(
                 rule, st, new_name, labels, labels_of, kind, n, points_of, origin, resource
             )
-            if verdict is None:  # a kind the rule does not handle: on to the next rule
+            if verdict is None:  # a kind the rule does not handle: not a match, on to the next
+                st.last_match = before
                 i += 1
                 continue
             if changed:
@@ -270,17 +274,18 @@ class RuleEngine:
         now = self.clock_ms()
         key = _series_key(name, labels, resource)
         state = self._states[rule.name]
+        late = state.late
         if action == "downsample":
             closed = state.add(key, name, dict(labels), kind, origin, points, now)
             if closed:
                 st.output += sum(len(e.points) for e in closed)
                 self._pending.extend(closed)
+            st.dropped += state.late - late  # points for windows already emitted
             return Verdict(absorbed=True)
         agg: Aggregate = rule.settings
         counter = agg.input_kind == "counter" or (agg.input_kind == "auto" and kind == "counter")
-        if counter:
-            self.counter_names.add(name)
         state.add(key, name, labels, counter, origin, points, now)
+        st.dropped += state.late - late
         if agg.keep_input:
             st.output += n
             return Verdict()
@@ -294,21 +299,13 @@ class RuleEngine:
         now = self.clock_ms()
         out, self._pending = self._pending, []
         for name, state in self._states.items():
-            emitted = (
-                state.due(now, self.counter_names, force=force)
-                if isinstance(state, AggregateState)
-                else state.due(now, force=force)
-            )
+            emitted = state.due(now, force=force)
             st = self.stats.get(name)
             if st is not None:
                 st.output += sum(len(e.points) for e in emitted)
             out += emitted
         for state in self._orphans:
-            out += (
-                state.due(now, self.counter_names, force=True)
-                if isinstance(state, AggregateState)
-                else state.due(now, force=True)
-            )
+            out += state.due(now, force=True)
         self._orphans = []
         return out
 
@@ -318,7 +315,7 @@ class RuleEngine:
         changed = []
         for rule in self.rules:
             st = self.stats[rule.name]
-            since = st.last_match if st.last_match is not None else self._loaded_at
+            since = st.last_match if st.last_match is not None else st.since
             dead = now - since >= rule.dead_after_s
             if dead != st.dead:
                 st.dead = dead
@@ -375,7 +372,7 @@ def _transform(ops: tuple[Op, ...], labels: dict[str, str], name: str) -> str:
                 labels[op.label] = labels[op.source]
         elif kind == "replace":
             if op.label in labels and op.regex is not None:
-                labels[op.label] = op.regex.sub(_expand(op.replacement), labels[op.label])
+                labels[op.label] = op.regex.sub(op.replacement, labels[op.label])
         elif kind == "extract":
             v = labels.get(op.source)
             if v is not None and op.regex is not None:
@@ -408,11 +405,6 @@ def _transform(ops: tuple[Op, ...], labels: dict[str, str], name: str) -> str:
     return name
 
 
-def _expand(replacement: str) -> str:
-    """`$1` and `${1}` in a replacement mean group 1 (Prometheus relabeling style)."""
-    return re.sub(r"\$\{?(\d+)\}?", r"\\g<\1>", replacement)
-
-
 def _classify(c: Classify, labels: dict[str, str], name: str) -> str:
     for chain in c.chains:
         if all_match(chain.when, labels):
@@ -420,6 +412,8 @@ def _classify(c: Classify, labels: dict[str, str], name: str) -> str:
             for k, v in rendered:
                 labels[k] = v
             break
+    for k in [k for k, v in labels.items() if v == ""]:
+        del labels[k]  # an empty value is no label, as in transform
     for t in c.tables:
         v = labels.get(t.source)
         table = dict(t.values)

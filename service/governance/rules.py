@@ -7,6 +7,7 @@ rule set. Regexes are compiled here, once; nothing here runs per datapoint.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -233,6 +234,8 @@ def parse_duration(value: Any) -> float:
         seconds = float(m[1]) * _DURATION_UNITS[m[2]]
     if not seconds > 0:
         raise ValueError("must be > 0")
+    if not math.isfinite(seconds) or seconds > 366 * 86400:
+        raise ValueError("must be at most a year")
     return seconds
 
 
@@ -306,12 +309,14 @@ class _Reader:
         return tuple(v)
 
     def choice(self, key: str, options: tuple[str, ...], default: str | None = None) -> str:
+        """The value if it is one of `options`; otherwise records the problem and returns ""
+        (the caller stops reading what depends on it, so no problem is guessed)."""
         v = self.get(key, default, required=default is None)
         if v is None:
-            return options[0]
+            return ""
         if v not in options:
             self.fail(f"{v!r} is not one of {', '.join(options)}", key)
-            return options[0]
+            return ""
         return v
 
     def regex(self, key: str, value: str) -> re.Pattern[str] | None:
@@ -420,10 +425,12 @@ def _aggregate(r: _Reader) -> Aggregate:
         allowed = tuple(dict.fromkeys(GAUGE_FUNCTIONS + COUNTER_FUNCTIONS))
     for f in functions:
         if f not in allowed and not (input_kind != "counter" and _QUANTILE_RE.match(f)):
-            r.fail(f"{f!r} is not one of {', '.join(allowed)} or quantile(q)", "functions")
+            also = "" if input_kind == "counter" else " or quantile(q)"
+            r.fail(f"{f!r} is not one of {', '.join(allowed)}{also}", "functions")
     if len(set(functions)) != len(functions):
         r.fail("a function is listed twice", "functions")
-    default_name = "${__name__}:" + functions[0] if len(functions) == 1 else "${__name__}"
+    first = "quantile" if functions[0].startswith("quantile(") else functions[0]
+    default_name = "${__name__}:" + first if len(functions) == 1 else "${__name__}"
     output_name = r.text("output_name", default_name)
     output_kind = r.choice("output_kind", ("gauge", "counter"), "gauge")
     keep_input = r.get("keep_input", False)
@@ -463,6 +470,9 @@ _OP_KEYS = {
 
 def _op(r: _Reader) -> Op | None:
     op = r.choice("op", tuple(_OP_KEYS))
+    if not op:
+        r.used.update(r.data)  # without a known op its other keys mean nothing
+        return None
     when = _matchers(r, "when")
     required = _OP_KEYS[op]
     kwargs: dict[str, Any] = {"op": op, "when": when}
@@ -492,7 +502,9 @@ def _op(r: _Reader) -> Op | None:
             if kwargs["regex"] is not None and kwargs["group"] > kwargs["regex"].groups:
                 r.fail(f"the regex has {kwargs['regex'].groups} groups", "group")
     if "replacement" in required:
-        kwargs["replacement"] = r.text("replacement", "")
+        raw = r.text("replacement", "")
+        groups = kwargs["regex"].groups if kwargs.get("regex") is not None else 0
+        kwargs["replacement"] = _replacement(raw, groups, r)
     if "table" in required:
         table = r.get("table", required=True)
         if not isinstance(table, Mapping) or not all(
@@ -510,6 +522,25 @@ def _op(r: _Reader) -> Op | None:
         kwargs["modulus"] = r.integer("modulus", 1)
     r.finish()
     return Op(**kwargs)
+
+
+_GROUP_REF_RE = re.compile(r"\$(?:(\d+)|\{(\d+)\})")
+
+
+def _replacement(raw: str, groups: int, r: _Reader) -> str:
+    """A replacement with `$1` / `${1}` group references as a re.sub template: backslashes
+    are literal, references beyond the regex's groups are refused here, not at run time."""
+    out = []
+    pos = 0
+    for m in _GROUP_REF_RE.finditer(raw):
+        out.append(raw[pos : m.start()].replace("\\", "\\\\"))
+        n = int(m[1] or m[2])
+        if n > groups:
+            r.fail(f"${n} refers to a group the regex does not have ({groups})", "replacement")
+        out.append(f"\\g<{n}>")
+        pos = m.end()
+    out.append(raw[pos:].replace("\\", "\\\\"))
+    return "".join(out)
 
 
 def _transform(reader: _Reader) -> tuple[Op, ...]:
@@ -578,6 +609,8 @@ def _rule(item: Any, i: int, problems: list[str], default_dead_after: float) -> 
     before = len(problems)
     name = r.text("name", required=True)
     action = r.choice("action", ACTIONS)
+    if not action:  # settings of any kind cannot be checked against an unknown action
+        r.used.update(k for k in ("sample", "downsample", "aggregate", "transform", "classify"))
     match = _match(r)
     owner = r.get("labels", {})
     if not isinstance(owner, Mapping) or not all(
@@ -603,7 +636,7 @@ def _rule(item: Any, i: int, problems: list[str], default_dead_after: float) -> 
         sub = r.sub("classify")
         settings = _classify(sub) if sub else None
     for other in ("sample", "downsample", "aggregate", "transform", "classify"):
-        if other != action and other in r.data:
+        if action and other != action and other in r.data:
             r.get(other)
             r.fail(f"settings for {other!r}, but the action is {action!r}", other)
     r.finish()

@@ -217,6 +217,7 @@ class _Group:
     last: tuple[int, float] | None = None
     values: list[float] = attrs.field(factory=list)
     increase: float = 0.0
+    counter: bool = False  # its inputs are counters: aggregated by their increases
 
 
 class AggregateState:
@@ -230,7 +231,8 @@ class AggregateState:
         self._windows: dict[int, dict[Hashable, _Group]] = {}  # window start -> groups
         self._flushed_to = -1
         self._last_value: dict[Hashable, tuple[float, int]] = {}  # counter series -> (v, seen)
-        self._totals: dict[Hashable, float] = {}  # group -> running total (counter sum)
+        # group -> (running total of a counter `sum`, when last updated)
+        self._totals: dict[Hashable, tuple[float, int]] = {}
         self._quantiles = tuple(
             float(f[len("quantile(") : -1]) for f in cfg.functions if f.startswith("quantile(")
         )
@@ -265,7 +267,7 @@ class AggregateState:
             groups = self._windows.setdefault(start, {})
             g = groups.get(gkey)
             if g is None:
-                g = groups[gkey] = _Group(name, glabels, origin)
+                g = groups[gkey] = _Group(name, glabels, origin, counter=counter)
             elif origin is not None and g.origin is not None and origin != g.origin:
                 g.origin = _common_origin(g.origin, origin)
             if counter:
@@ -284,8 +286,9 @@ class AggregateState:
             if self._quantiles:
                 g.values.append(value)
 
-    def due(self, now_ms: int, counter_names: set[str], *, force: bool = False) -> list[Emitted]:
-        """Emit every window that ended `lateness_ms` ago (all with `force`)."""
+    def due(self, now_ms: int, *, force: bool = False) -> list[Emitted]:
+        """Emit every window that ended `lateness_ms` ago (all with `force`); forget counter
+        series and running totals not seen for `staleness`."""
         out: list[Emitted] = []
         for start in sorted(self._windows):
             end = start + self.interval_ms
@@ -294,15 +297,19 @@ class AggregateState:
             groups = self._windows.pop(start)
             self._flushed_to = end
             for gkey, g in groups.items():
-                out += self._emit(gkey, g, end, g.name in counter_names)
+                out += self._emit(gkey, g, end, now_ms)
         stale = now_ms - int(self.cfg.staleness_s * 1000)
         for key, (_, seen) in list(self._last_value.items()):
             if seen < stale:
                 del self._last_value[key]
+        for key, (_, seen) in list(self._totals.items()):
+            if seen < stale:
+                del self._totals[key]
         return out
 
-    def _emit(self, gkey: Hashable, g: _Group, end: int, counter: bool) -> list[Emitted]:
+    def _emit(self, gkey: Hashable, g: _Group, end: int, now_ms: int) -> list[Emitted]:
         cfg = self.cfg
+        counter = g.counter
         out = []
         many = len(cfg.functions) > 1
         base = cfg.output_name.render(g.labels, g.name)
@@ -311,8 +318,8 @@ class AggregateState:
                 continue
             if counter:
                 if f == "sum":
-                    total = self._totals.get(gkey, 0.0) + g.increase
-                    self._totals[gkey] = total
+                    total = self._totals.get(gkey, (0.0, 0))[0] + g.increase
+                    self._totals[gkey] = (total, now_ms)
                     value = total
                 elif f == "increase":
                     value = g.increase
