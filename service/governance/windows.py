@@ -137,6 +137,8 @@ class DownsampleState:
         out: list[Emitted] = []
         keep = self.cfg.method in ("lttb", "swinging_door")
         for ts, value in points:
+            if value != value:  # NaN: a Prometheus staleness marker, not a value to fold in
+                continue
             start = ts - ts % self.interval_ms
             if start + self.interval_ms <= self._flushed_to.get(key, -1):
                 self.late += 1
@@ -260,6 +262,8 @@ class AggregateState:
         glabels = self.group_labels(labels)
         gkey = (name, tuple(sorted(glabels.items())), _origin_key(origin))
         for ts, value in points:
+            if value != value:  # NaN: a Prometheus staleness marker, not a value to fold in
+                continue
             start = ts - ts % self.interval_ms
             if start < self._flushed_to:
                 self.late += 1
