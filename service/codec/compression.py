@@ -110,7 +110,10 @@ def compress(data: bytes, encoding: str) -> bytes:
     if encoding == "zstd":
         return bytes(cramjam.zstd.compress(data))
     if encoding == "gzip":
-        return bytes(cramjam.gzip.compress(data))
+        # zlib at level 1: measured 2.7 ms for 1.1 MB of OTLP against 14 ms for cramjam's gzip
+        # at its default level 6 (the output is 1.4x larger; zstd beats both on both counts).
+        c = zlib.compressobj(1, zlib.DEFLATED, 31)
+        return c.compress(data) + c.flush()
     if encoding == "deflate":
         return zlib.compress(data)
     if encoding in ("", "identity"):

@@ -8,6 +8,7 @@ partial success (the backend took part of a batch), and "message too large" (spl
 from __future__ import annotations
 
 import contextlib
+import functools
 import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -151,8 +152,9 @@ class OTLPHTTPExporter(_OTLPExporter):
 class OTLPGRPCExporter(_OTLPExporter):
     """Calls MetricsService/Export with grpcio (gzip by default), TLS for https:// endpoints.
 
-    grpcio runs the call on its own threads; its completion callback wakes the worker on the
-    Trio loop, so a call costs no thread hop of ours and a cancelled worker cancels its call.
+    The call is started in a worker thread (starting it compresses the batch) and grpcio runs it
+    on its own threads; its completion callback wakes the worker on the Trio loop, and a
+    cancelled worker cancels its call.
     """
 
     def __init__(
@@ -198,11 +200,16 @@ class OTLPGRPCExporter(_OTLPExporter):
             with contextlib.suppress(trio.RunFinishedError):
                 token_.run_sync_soon(finished.set)
 
-        call = self._export.future(
-            batch.payload,
-            timeout=self.cfg.timeout_s,
-            metadata=metadata,
-            compression=self._compression,
+        # Starting the call compresses the whole batch (grpcio's gzip, tens of ms for a large
+        # batch) on the calling thread: start it in a worker thread, not on the event loop.
+        call = await trio.to_thread.run_sync(
+            functools.partial(
+                self._export.future,
+                batch.payload,
+                timeout=self.cfg.timeout_s,
+                metadata=metadata,
+                compression=self._compression,
+            )
         )
         call.add_done_callback(wake)
         try:
