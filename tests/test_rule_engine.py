@@ -631,9 +631,10 @@ def test_swinging_door_by_hand() -> None:
     assert swinging_door([(t, float(t)) for t in range(10)], 0.1) == [(0, 0.0), (9, 9.0)]
 
 
-def test_downsample_staleness_forgets_a_series() -> None:
-    """A series not seen for `staleness` (30 s) is forgotten: it starts over, so a point for a
-    window it had emitted opens that window again instead of being counted late."""
+def test_downsample_keeps_no_series_state_between_windows() -> None:
+    """Windows share the rule's boundaries and a series' state lives only in its open windows:
+    once a window is emitted nothing of the series is kept, and a point for that window, however
+    long after, is late (counted as dropped), never a second output for the same timestamp."""
     clock = Clock(1000)
     e = engine(
         "rules: [{name: ds, action: downsample, downsample: {interval: 10s, method: sum, "
@@ -643,15 +644,12 @@ def test_downsample_staleness_forgets_a_series() -> None:
     govern(e, "{__name__=m} 1000:1.0")
     clock.ms = 12_000
     assert due(e) == ["{__name__=m} 10000:1.0"]
-    govern(e, "{__name__=m} 5000:2.0")  # late: the series was seen at 12 s
-    clock.ms = 42_000
-    assert due(e) == []  # seen 30 s ago: not yet forgotten
-    govern(e, "{__name__=m} 5000:3.0")
-    assert due(e, force=True) == []
+    assert len(e._states["ds"]) == 0
+    govern(e, "{__name__=m} 5000:2.0")  # late
     clock.ms = 72_001
-    assert due(e) == []  # forgotten now
-    govern(e, "{__name__=m} 5000:4.0")
-    assert due(e, force=True) == ["{__name__=m} 10000:4.0"]
+    govern(e, "{__name__=m} 5000:4.0")  # still late
+    assert due(e, force=True) == []
+    assert e.stats["ds"].dropped == 2
 
 
 @settings(max_examples=50, deadline=None)

@@ -40,6 +40,8 @@ NUMERIC = frozenset({"gauge", "counter"})
 # A window is emitted this long after it ends, for points that arrive a little late.
 LATENESS_MS = 2000
 _NAME_CACHE_MAX = 100_000
+# Distinct series whose route is remembered: about 200 bytes each when no rule touches them.
+ROUTE_CACHE_MAX = 500_000
 
 
 @attrs.define
@@ -55,6 +57,22 @@ class Verdict:
 
 
 PASS = Verdict()
+
+
+@attrs.frozen(eq=False, slots=True)
+class Route:
+    """A series' way through the rules (see RuleEngine.route); compared by identity."""
+
+    transforms: tuple[str, ...]  # transform and classify rules that matched, in order
+    terminal: Rule | None
+    name: str  # the name after the transforms
+    labels: dict[str, str] | None  # the labels after the transforms; None: unchanged
+    key: SeriesKey | None  # the series' identity after the transforms (hash, head, windows)
+    hash_keep: bool  # a hash sample's decision
+    kind: str
+
+
+PASS_ROUTE = Route((), None, "", None, None, True, "")
 
 
 @attrs.define
@@ -100,6 +118,10 @@ class RuleEngine:
         self.ruleset = ruleset
         self.rules = ruleset.rules
         self._plans: dict[str, tuple[int, ...]] = {}
+        # Per distinct series (its serialized labels), its Route: filled by the remote-write
+        # adapter, emptied when the rules change and when it reaches ROUTE_CACHE_MAX.
+        self.route_cache: dict[bytes, Any] = {}
+        self.route_paths: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         states: dict[str, Any] = {}
         heads: dict[str, dict[Any, int]] = {}
         for rule in self.rules:
@@ -133,6 +155,10 @@ class RuleEngine:
         name and the same settings carries over; windows of removed or changed rules are
         emitted at the next flush."""
         self._apply(ruleset)
+
+    def head_counts(self, rule_name: str) -> dict[Any, int]:
+        """Per series, where a head-sampling rule is in its count."""
+        return self._heads[rule_name]
 
     @property
     def active(self) -> bool:
@@ -224,6 +250,65 @@ class RuleEngine:
             return Verdict(name=new_name, labels=labels)
         return PASS
 
+    def route(self, name: str, labels: dict[str, str], kind: str) -> Route:
+        """Where the rules send a numeric series without a resource (remote write), decided
+        from its name and labels alone and without side effects, so it can be cached per
+        distinct series: the transforms and classifies that match (in order), the labels they
+        leave, and the terminal rule that claims it. `execute` does the rest, per request.
+        The same decisions as `evaluate` for such a series."""
+        plan = self.plan(name)
+        if not plan:
+            return PASS_ROUTE
+        rules = self.rules
+        current = labels
+        changed = False
+        new_name = name
+        matched: list[str] = []
+        terminal: Rule | None = None
+        i = 0
+        while i < len(plan):
+            rule = rules[plan[i]]
+            m = rule.match
+            if (m.labels and not all_match(m.labels, current)) or m.resource:
+                i += 1
+                continue
+            if rule.action == "transform" or rule.action == "classify":
+                if not changed:
+                    current = dict(current)
+                    changed = True
+                renamed = (
+                    _transform(rule.settings, current, new_name)
+                    if rule.action == "transform"
+                    else _classify(rule.settings, current, new_name)
+                )
+                matched.append(rule.name)
+                if renamed != new_name:
+                    new_name = renamed
+                    plan = plan[: i + 1] + tuple(j for j in self.plan(new_name) if j > plan[i])
+                i += 1
+                continue
+            terminal = rule
+            break
+        if terminal is None and not matched:
+            return PASS_ROUTE
+        key = _series_key(new_name, current, None)
+        hash_keep = True
+        if (
+            terminal is not None
+            and terminal.action == "sample"
+            and (terminal.settings.method == "hash")
+        ):
+            hash_keep = _hash_fraction(key) < terminal.settings.rate
+        return Route(
+            tuple(matched),
+            terminal,
+            new_name,
+            current if changed else None,
+            key,
+            hash_keep,
+            kind,
+        )
+
     def _terminal(
         self,
         rule: Rule,
@@ -270,26 +355,41 @@ class RuleEngine:
             return None
         if labels is None:
             labels = labels_of()
-        points = points_of()
-        now = self.clock_ms()
         key = _series_key(name, labels, resource)
-        state = self._states[rule.name]
-        late = state.late
-        if action == "downsample":
-            closed = state.add(key, name, dict(labels), kind, origin, points, now)
-            if closed:
-                st.output += sum(len(e.points) for e in closed)
-                self._pending.extend(closed)
-            st.dropped += state.late - late  # points for windows already emitted
-            return Verdict(absorbed=True)
-        agg: Aggregate = rule.settings
-        counter = agg.input_kind == "counter" or (agg.input_kind == "auto" and kind == "counter")
-        state.add(key, name, labels, counter, origin, points, now)
-        st.dropped += state.late - late
-        if agg.keep_input:
+        self.absorb(rule, st, key, name, labels, kind, origin, points_of(), self.clock_ms())
+        if action == "aggregate" and rule.settings.keep_input:
             st.output += n
             return Verdict()
         return Verdict(absorbed=True)
+
+    def absorb(
+        self,
+        rule: Rule,
+        st: RuleStats,
+        key: SeriesKey,
+        name: str,
+        labels: dict[str, str],
+        kind: str,
+        origin: Any,
+        points: list[tuple[int, float]],
+        now: int,
+    ) -> None:
+        """Put a series' points into the window state of a downsample or aggregate rule."""
+        state = self._states[rule.name]
+        late = state.late
+        if rule.action == "downsample":
+            # `labels` is never changed after this (a route's, or built for this series).
+            closed = state.add(key, name, labels, kind, origin, points, now)
+            if closed:
+                st.output += sum(len(e.points) for e in closed)
+                self._pending.extend(closed)
+        else:
+            agg: Aggregate = rule.settings
+            counter = agg.input_kind == "counter" or (
+                agg.input_kind == "auto" and kind == "counter"
+            )
+            state.add(key, name, labels, counter, origin, points, now)
+        st.dropped += state.late - late  # points for windows already emitted
 
     # ---- windows ---------------------------------------------------------------------------
 
@@ -424,17 +524,37 @@ def _classify(c: Classify, labels: dict[str, str], name: str) -> str:
     return name
 
 
+class SeriesKey:
+    """The identity of a series: name, sorted labels and (OTLP) sorted resource attributes.
+    Its hash is computed once: window, head and group state look it up per datapoint."""
+
+    __slots__ = ("_hash", "parts")
+
+    def __init__(self, parts: tuple[Any, ...]) -> None:
+        self.parts = parts
+        self._hash = hash(parts)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (isinstance(other, SeriesKey) and self.parts == other.parts)
+
+    def __repr__(self) -> str:
+        return f"SeriesKey({self.parts!r})"
+
+
 def _series_key(
     name: str, labels: Mapping[str, str], resource: Mapping[str, str] | None
-) -> tuple[Any, ...]:
+) -> SeriesKey:
     """The identity of a series: name, sorted labels and (OTLP) sorted resource attributes."""
     res = tuple(sorted(resource.items())) if resource else ()
-    return (name, tuple(sorted(labels.items())), res)
+    return SeriesKey((name, tuple(sorted(labels.items())), res))
 
 
-def _hash_fraction(key: tuple[Any, ...]) -> float:
+def _hash_fraction(key: SeriesKey) -> float:
     """A stable number in [0, 1) for a series: the same in every process and replica."""
-    name, labels, res = key
+    name, labels, res = key.parts
     text = "\x00".join([name, *(f"{k}\x01{v}" for k, v in labels), "\x02"])
     text += "\x00".join(f"{k}\x01{v}" for k, v in res)
     digest = hashlib.blake2b(text.encode(), digest_size=8).digest()

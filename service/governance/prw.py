@@ -7,13 +7,24 @@ lookup for the rest); a request that no rule changed is forwarded as the client 
 
 from __future__ import annotations
 
+import collections
+from typing import Any
+
 import attrs
 from google.protobuf.message import DecodeError as _PBDecodeError
 
+from service._proto.governor.prw_views_pb2 import (
+    LabelsOnlyLabels,
+    LabelsOnlyRequest,
+    MergedWriteRequest,
+    SeriesBytes,
+)
 from service._proto.prometheus.remote_pb2 import WriteRequest
 from service._proto.prometheus.types_pb2 import Label, Sample, TimeSeries
+from service.codec import prw as prw_codec
 from service.codec.errors import BadProtobuf
-from service.governance.engine import RuleEngine
+from service.governance.engine import PASS_ROUTE, ROUTE_CACHE_MAX, Route, RuleEngine
+from service.governance.rules import Rule
 from service.governance.windows import Emitted
 
 NAME = "__name__"
@@ -45,7 +56,203 @@ def series_name(ts: TimeSeries) -> str:
 
 
 def govern(engine: RuleEngine, data: bytes) -> Governed:
-    """Parse a serialized WriteRequest (raises BadProtobuf) and run the rules over it."""
+    """Validate a serialized WriteRequest (raises BadProtobuf) and run the rules over it.
+
+    Requests of single-sample float series (what Prometheus sends) take the cached path: each
+    distinct series' route through the rules is decided once and found again by its serialized
+    labels, so a known series costs a few dict and list operations, mostly in C. Anything else
+    (native histograms, several samples in a series) is evaluated series by series."""
+    counts = prw_codec.count(data)
+    if not counts.histograms and counts.samples == counts.series:
+        governed = _govern_cached(engine, data, counts)
+        if governed is not None:
+            return governed
+    return _govern_each(engine, data)
+
+
+# What the cached path does with a series, decided once per distinct series.
+KEEP, RELABEL, DROP, DYNAMIC = 0, 1, 2, 3
+
+
+@attrs.frozen(eq=False, slots=True)
+class _Cached:
+    route: Route
+    relabeled: bytes | None  # the serialized labels the rules leave, when they change them
+    disposition: int  # KEEP, RELABEL, DROP, or DYNAMIC (sampled per request, or windowed)
+    labels: dict[str, str]  # the labels after the rules (`__name__` aside)
+    # The rules the series passes (shared by every series with the same ones): requests are
+    # counted per path, not per series.
+    path: tuple[Any, ...]
+    wire: bytes  # the series' labels as serialized after the rules (window outputs reuse them)
+
+
+_PASS = _Cached(PASS_ROUTE, None, KEEP, {}, (), b"")
+
+
+def _route(engine: RuleEngine, key: bytes) -> _Cached:
+    """How the rules treat a series first seen, from its serialized labels."""
+    labels = {}
+    name = ""
+    for lb in LabelsOnlyLabels.FromString(key).labels:
+        if lb.name == NAME:
+            name = lb.value
+        else:
+            labels[lb.name] = lb.value
+    kind = "counter" if name.endswith(_COUNTER_SUFFIXES) else "gauge"
+    route = engine.route(name, labels, kind)
+    if route is PASS_ROUTE:
+        return _PASS
+    final = route.labels if route.labels is not None else labels
+    relabeled = None
+    if route.labels is not None or route.name != name:
+        new = LabelsOnlyLabels()
+        new.labels.extend(_labels(route.name, final))
+        relabeled = new.SerializeToString()
+    t = route.terminal
+    if t is None:
+        disposition = RELABEL if relabeled is not None else KEEP
+    elif t.action == "drop" or (
+        t.action == "sample" and t.settings.method == "hash" and not route.hash_keep
+    ):
+        disposition = DROP
+    elif t.action == "sample" and t.settings.method == "hash":
+        disposition = RELABEL if relabeled is not None else KEEP
+    else:
+        disposition = DYNAMIC
+    path = (route.transforms, t, route.hash_keep)
+    path = engine.route_paths.setdefault(path, path)
+    return _Cached(route, relabeled, disposition, final, path, relabeled or key)
+
+
+def _govern_cached(engine: RuleEngine, data: bytes, counts: prw_codec.Counts) -> Governed | None:
+    """The cached path; None when the request's series do not start with their labels (then
+    the caller evaluates each series)."""
+    view = LabelsOnlyRequest.FromString(data)
+    view.DiscardUnknownFields()
+    keys = list(SeriesBytes.FromString(view.SerializeToString()).timeseries)
+    cache = engine.route_cache
+    cached = list(map(cache.get, keys))
+    if None in cached:
+        for i, c in enumerate(cached):
+            if c is None:
+                if len(cache) >= ROUTE_CACHE_MAX:
+                    cache.clear()
+                cached[i] = cache[keys[i]] = _route(engine, keys[i])
+    n = len(cached)
+    if cached.count(_PASS) == n:
+        return Governed(None, n, n, n, 0, 0, n, 0)
+    src = SeriesBytes.FromString(data)
+    full = list(src.timeseries)
+    now_ms = engine.clock_ms()
+    _count_routes(engine, cached, now_ms / 1000)
+    out: list[bytes] = []
+    append = out.append
+    windowed: list[int] = []
+    relabeled_any = False
+    for i, c in enumerate(cached):
+        d = c.disposition
+        if d == KEEP:
+            append(full[i])
+            continue
+        if d == DROP:
+            continue
+        series = full[i]
+        if c.relabeled is not None:
+            key = keys[i]
+            if not series.startswith(key):
+                return None  # labels not first: cannot splice; evaluate each series instead
+            series = c.relabeled + series[len(key) :]
+            relabeled_any = True
+        if d == RELABEL:
+            append(series)
+            continue
+        t = c.route.terminal
+        assert t is not None
+        if t.action == "sample":  # probabilistic or head: decided per datapoint
+            if _sample(engine, t, c.route):
+                append(series)
+            continue
+        windowed.append(i)
+        if t.action == "aggregate" and t.settings.keep_input:
+            append(series)
+    if windowed:
+        # One sample per series: merging the windowed series lines their samples up with them.
+        joined = SeriesBytes(timeseries=[full[i] for i in windowed]).SerializeToString()
+        samples = MergedWriteRequest.FromString(joined).timeseries.samples
+        stats = engine.stats
+        for i, sample in zip(windowed, samples):
+            c = cached[i]
+            route = c.route
+            t = route.terminal
+            assert t is not None
+            engine.absorb(
+                t,
+                stats[t.name],
+                route.key,
+                route.name,
+                c.labels,
+                route.kind,
+                # downsample outputs carry the series' serialized labels (encode reuses them);
+                # aggregate groups are built from labels, and take no origin on this pipeline
+                c.wire if t.action == "downsample" else None,
+                [(sample.timestamp, sample.value)],
+                now_ms,
+            )
+    kept = len(out)
+    if kept == n and not relabeled_any:
+        return Governed(None, n, n, n, 0, 0, n, 0)  # all went on as they came (keep_input ...)
+    new = SeriesBytes(timeseries=out, metadata=src.metadata).SerializeToString()
+    return Governed(new, kept, kept, kept, 0, n - kept, n, 0)
+
+
+def _count_routes(engine: RuleEngine, cached: list[_Cached], now_s: float) -> None:
+    """Per-rule counts of one request, per distinct path through the rules, not per series."""
+    stats = engine.stats
+    for path, count in collections.Counter(c.path for c in cached).items():
+        if not path:
+            continue
+        transforms, t, hash_keep = path
+        for rule_name in transforms:
+            st = stats[rule_name]
+            st.input += count
+            st.output += count
+            st.last_match = now_s
+        if t is None:
+            continue
+        st = stats[t.name]
+        st.input += count
+        st.last_match = now_s
+        if t.action == "drop":
+            st.dropped += count
+        elif t.action == "sample" and t.settings.method == "hash":
+            if hash_keep:
+                st.output += count
+            else:
+                st.dropped += count
+        elif t.action == "aggregate" and t.settings.keep_input:
+            st.output += count
+
+
+def _sample(engine: RuleEngine, t: Rule, route: Route) -> bool:
+    """A probabilistic or head sample's decision for one single-sample series; counted."""
+    s = t.settings
+    if s.method == "probabilistic":
+        keep = engine.rand() < s.rate
+    else:
+        heads = engine.head_counts(t.name)
+        seen = heads.get(route.key, 0)
+        keep = seen == 0
+        heads[route.key] = (seen + 1) % s.n
+    st = engine.stats[t.name]
+    if keep:
+        st.output += 1
+    else:
+        st.dropped += 1
+    return keep
+
+
+def _govern_each(engine: RuleEngine, data: bytes) -> Governed:
+    """Every series evaluated on its own (native histograms, several samples per series)."""
     try:
         req = WriteRequest.FromString(data)
     except _PBDecodeError:
@@ -135,11 +342,16 @@ def _labels(name: str, labels: dict[str, str]) -> list[Label]:
 
 def encode(emitted: list[Emitted]) -> tuple[bytes, int, int]:
     """Emitted windows as a serialized WriteRequest: (data, series, datapoints)."""
-    req = WriteRequest()
+    out: list[bytes] = []
     points = 0
     for e in emitted:
-        ts = req.timeseries.add()
-        ts.labels.extend(_labels(e.name, e.labels))
-        ts.samples.extend(Sample(value=v, timestamp=t) for t, v in e.points)
+        if isinstance(e.origin, bytes):  # the series' labels as already serialized
+            labels = e.origin
+        else:
+            view = LabelsOnlyLabels()
+            view.labels.extend(_labels(e.name, e.labels))
+            labels = view.SerializeToString()
+        samples = TimeSeries(samples=[Sample(value=v, timestamp=t) for t, v in e.points])
+        out.append(labels + samples.SerializeToString())
         points += len(e.points)
-    return req.SerializeToString(), len(emitted), points
+    return SeriesBytes(timeseries=out).SerializeToString(), len(emitted), points

@@ -109,19 +109,19 @@ class _SeriesWindow:
 
 
 class DownsampleState:
-    """Per series, the open window of one downsample rule."""
+    """The open windows of one downsample rule, grouped by window start (every series shares the
+    rule's boundaries), so a tick looks only at windows that may be due."""
 
     def __init__(self, cfg: Downsample, lateness_ms: int) -> None:
         self.cfg = cfg
         self.interval_ms = max(1, int(cfg.interval_s * 1000))
         self.lateness_ms = lateness_ms
-        self._open: dict[Hashable, _SeriesWindow] = {}
-        self._last_seen: dict[Hashable, int] = {}
-        self._flushed_to: dict[Hashable, int] = {}  # series -> end of its last emitted window
+        self._windows: dict[int, dict[Hashable, _SeriesWindow]] = {}
+        self._flushed_to = -1  # end of the last window emitted
         self.late = 0
 
     def __len__(self) -> int:
-        return len(self._open)
+        return sum(len(b) for b in self._windows.values())
 
     def add(
         self,
@@ -133,56 +133,52 @@ class DownsampleState:
         points: Iterable[tuple[int, float]],
         now_ms: int,
     ) -> list[Emitted]:
-        """Absorb `points` of one series; returns windows this series closed by moving on."""
-        out: list[Emitted] = []
+        """Absorb `points` of one series. A series' state lives only in its open windows: it is
+        gone once they are emitted. Returns nothing today (kept for the engine's interface)."""
         keep = self.cfg.method in ("lttb", "swinging_door")
+        interval = self.interval_ms
         for ts, value in points:
             if value != value:  # NaN: a Prometheus staleness marker, not a value to fold in
                 continue
-            start = ts - ts % self.interval_ms
-            if start + self.interval_ms <= self._flushed_to.get(key, -1):
+            start = ts - ts % interval
+            if start + interval <= self._flushed_to:
                 self.late += 1
                 continue
-            w = self._open.get(key)
-            if w is not None and w.start != start:
-                if start < w.start:
-                    self.late += 1
-                    continue
-                out += self._emit(key, w)
-                w = None
+            bucket = self._windows.get(start)
+            if bucket is None:
+                bucket = self._windows[start] = {}
+            w = bucket.get(key)
             if w is None:
-                w = self._open[key] = _SeriesWindow(name, labels, kind, origin, start)
+                w = bucket[key] = _SeriesWindow(name, labels, kind, origin, start)
             w.count += 1
             w.total += value
-            w.low = min(w.low, value)
-            w.high = max(w.high, value)
+            if value < w.low:
+                w.low = value
+            if value > w.high:
+                w.high = value
             if w.first is None or ts < w.first[0]:
                 w.first = (ts, value)
             if w.last is None or ts >= w.last[0]:
                 w.last = (ts, value)
             if keep:
                 w.points.append((ts, value))
-        self._last_seen[key] = now_ms
-        return out
+        return []
 
     def due(self, now_ms: int, *, force: bool = False) -> list[Emitted]:
-        """Emit every window that ended `lateness_ms` ago (all of them with `force`), and forget
-        series not seen for `staleness`."""
+        """Emit every window that ended `lateness_ms` ago (all of them with `force`)."""
         out: list[Emitted] = []
-        for key, w in list(self._open.items()):
-            if force or now_ms >= w.start + self.interval_ms + self.lateness_ms:
-                out += self._emit(key, w)
-        stale = now_ms - int(self.cfg.staleness_s * 1000)
-        for key, seen in list(self._last_seen.items()):
-            if seen < stale and key not in self._open:
-                del self._last_seen[key]
-                self._flushed_to.pop(key, None)
+        for start in sorted(self._windows):
+            end = start + self.interval_ms
+            if not force and now_ms < end + self.lateness_ms:
+                break
+            bucket = self._windows.pop(start)
+            self._flushed_to = max(self._flushed_to, end)
+            for w in bucket.values():
+                out += self._emit(w)
         return out
 
-    def _emit(self, key: Hashable, w: _SeriesWindow) -> list[Emitted]:
-        del self._open[key]
+    def _emit(self, w: _SeriesWindow) -> list[Emitted]:
         end = w.start + self.interval_ms
-        self._flushed_to[key] = end
         m = self.cfg.method
         if m == "lttb":
             pts = lttb(sorted(w.points), self.cfg.points)
@@ -202,6 +198,9 @@ class DownsampleState:
             pts = [(end, value)]
         return [Emitted(w.name, w.labels, w.kind, pts, w.origin)]
 
+
+# Series whose group (kept labels) an aggregate remembers; past it the memory starts again.
+_GROUP_CACHE_MAX = 200_000
 
 # ---- aggregate ----------------------------------------------------------------------------
 
@@ -235,6 +234,7 @@ class AggregateState:
         self._last_value: dict[Hashable, tuple[float, int]] = {}  # counter series -> (v, seen)
         # group -> (running total of a counter `sum`, when last updated)
         self._totals: dict[Hashable, tuple[float, int]] = {}
+        self._groups: dict[Hashable, tuple[dict[str, str], Hashable]] = {}  # series -> group
         self._quantiles = tuple(
             float(f[len("quantile(") : -1]) for f in cfg.functions if f.startswith("quantile(")
         )
@@ -259,8 +259,15 @@ class AggregateState:
         points: Iterable[tuple[int, float]],
         now_ms: int,
     ) -> None:
-        glabels = self.group_labels(labels)
-        gkey = (name, tuple(sorted(glabels.items())), _origin_key(origin))
+        grouped = self._groups.get(series_key) if origin is None else None
+        if grouped is None:
+            glabels = self.group_labels(labels)
+            grouped = (glabels, (name, tuple(sorted(glabels.items())), _origin_key(origin)))
+            if origin is None:
+                if len(self._groups) >= _GROUP_CACHE_MAX:
+                    self._groups.clear()
+                self._groups[series_key] = grouped
+        glabels, gkey = grouped
         for ts, value in points:
             if value != value:  # NaN: a Prometheus staleness marker, not a value to fold in
                 continue

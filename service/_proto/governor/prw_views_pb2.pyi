@@ -16,7 +16,27 @@ class MergedWriteRequest(_message.Message):
     def __init__(self, timeseries: _Optional[_Union[_types_pb2.TimeSeries, _Mapping]] = ..., metadata: _Optional[_Iterable[_Union[_types_pb2.MetricMetadata, _Mapping]]] = ...) -> None: ...
 
 class SeriesBytes(_message.Message):
+    __slots__ = ("timeseries", "metadata")
+    TIMESERIES_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    timeseries: _containers.RepeatedScalarFieldContainer[bytes]
+    metadata: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, timeseries: _Optional[_Iterable[bytes]] = ..., metadata: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class LabelsOnlySeries(_message.Message):
+    __slots__ = ("labels",)
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    labels: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, labels: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class LabelsOnlyRequest(_message.Message):
     __slots__ = ("timeseries",)
     TIMESERIES_FIELD_NUMBER: _ClassVar[int]
-    timeseries: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, timeseries: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    timeseries: _containers.RepeatedCompositeFieldContainer[LabelsOnlySeries]
+    def __init__(self, timeseries: _Optional[_Iterable[_Union[LabelsOnlySeries, _Mapping]]] = ...) -> None: ...
+
+class LabelsOnlyLabels(_message.Message):
+    __slots__ = ("labels",)
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    labels: _containers.RepeatedCompositeFieldContainer[_types_pb2.Label]
+    def __init__(self, labels: _Optional[_Iterable[_Union[_types_pb2.Label, _Mapping]]] = ...) -> None: ...
