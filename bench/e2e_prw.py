@@ -29,6 +29,17 @@ on the last CPU), --governor-env KEY=VALUE (experiments, e.g. GLIBC_TUNABLES),
 Queue mode: --queue memory|disk (or memory,disk: both, alternating within each run) sets governor's
 prw.queue.mode; in disk mode prw.queue.dir is a directory in the measurement's temp dir, and
 --durable-ack sets prw.queue.durable_ack. With both modes, the disk/memory ratios are printed.
+
+Rules mode: --rules FILE measures governor twice per run, alternating, under the same load: without
+rules and with FILE as rules.file (label `governor+rules`). The rules drop, sample and absorb
+samples into windows, so fewer reach the backend: with rules, "drained" means governor has sent
+every sample it accepted minus what its rules removed, plus what their windows emitted (from the
+governor_rule_* counters: sent >= received - sum over rules of (input - output)). Both
+configurations are compared on samples *accepted* (2xx to the load generator) per governor
+CPU-second, and the rules/no-rules ratio of the medians is printed (the issue's target: >= 0.60).
+The no-rules path validates requests in C (prw.count); with any rule loaded the receiver parses
+every request into Python objects (service/governance/prw.py), so pick a --rate that governor with
+rules can sustain on the machine (bench/rules.py gives its datapoints per CPU-second).
 """
 
 from __future__ import annotations
@@ -328,6 +339,9 @@ def load_stacks(path: Path, fmt: str) -> list[tuple[list[str], int]]:
 # appears anywhere in a stack names its stage (so a response's socket send, which runs inside
 # hypercorn's TCPServer, still counts as "send response").
 _STAGES = [
+    # with a rules file (--rules): the receiver's govern() and the engine's window tick
+    ("govern (service/governance/prw.py", "rules: govern (parse, engine, re-encode)"),
+    ("App._run_engine", "rules: windows tick (due, encode, emit)"),
     ("count (service/codec/prw.py", "receiver: validate + count (prw.count)"),
     ("decode (service/codec/prw.py", "receiver: decode + count (prw.decode)"),
     ("decompress (service/codec/compression.py", "receiver: decompress"),
@@ -397,7 +411,9 @@ def governor_config(
     queue: str = "memory",
     queue_cfg: str = "",
     receiver_cfg: str = "",
+    rules_file: Path | None = None,
 ) -> str:
+    rules_cfg = f'rules:\n  file: "{rules_file}"\n' if rules_file is not None else ""
     return f"""\
 log:
   level: warning
@@ -412,7 +428,7 @@ prw:
   exporters:
     - url: "{vm_url}/api/v1/write"
 shutdown_grace_s: 10
-"""
+{rules_cfg}"""
 
 
 def start_vm(procs: Procs, tmp: Path) -> tuple[subprocess.Popen, str]:
@@ -437,6 +453,7 @@ def run_load(variant: Variant, args: argparse.Namespace, run: int, procs: Procs,
     vm, vm_url = start_vm(procs, tmp)
     profile_proc = None
     profile_file = None
+    profile_name = args.profile_name + ("_rules" if variant.rules else "")
     if target == "governor":
         tel_port, prw_port = free_port(), free_port()
         cfg = tmp / "governor.yaml"
@@ -449,7 +466,9 @@ def run_load(variant: Variant, args: argparse.Namespace, run: int, procs: Procs,
         if args.max_concurrent_requests:
             receiver_cfg = f"\n    max_concurrent_requests: {args.max_concurrent_requests}"
         cfg.write_text(
-            governor_config(tel_port, prw_port, vm_url, variant.queue, queue_cfg, receiver_cfg)
+            governor_config(
+                tel_port, prw_port, vm_url, variant.queue, queue_cfg, receiver_cfg, variant.rules
+            )
         )
         proxy = procs.start(
             "governor",
@@ -504,7 +523,7 @@ def run_load(variant: Variant, args: argparse.Namespace, run: int, procs: Procs,
     if args.profile and target == "governor":
         OUT.mkdir(parents=True, exist_ok=True)
         ext = {"raw": "txt", "speedscope": "speedscope.json", "flamegraph": "svg"}
-        profile_file = OUT / f"{args.profile_name}.{ext[args.profile_format]}"
+        profile_file = OUT / f"{profile_name}.{ext[args.profile_format]}"
         profile_proc = procs.start(
             "py-spy",
             [
@@ -532,20 +551,26 @@ def run_load(variant: Variant, args: argparse.Namespace, run: int, procs: Procs,
     # Drain: bounded wait until everything accepted has been delivered.
     drained = False
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
-    received = sent = 0.0
+    received = sent = removed = 0.0
     while time.monotonic() < deadline:
         if target == "governor":
             m = scrape(tel + "/metrics")
-            received = metric_sum(m, "governor_datapoints_received_total") - metric_sum(
-                before, "governor_datapoints_received_total"
-            )
-            sent = metric_sum(m, "governor_datapoints_sent_total") - metric_sum(
-                before, "governor_datapoints_sent_total"
-            )
+
+            def delta(name: str, m: list = m) -> float:
+                return metric_sum(m, name) - metric_sum(before, name)
+
+            received = delta("governor_datapoints_received_total")
+            sent = delta("governor_datapoints_sent_total")
+            if variant.rules is not None:
+                # What the rules took out (dropped, sampled away, absorbed into windows) less
+                # what their windows emitted: input - output, summed over the rules.
+                removed = delta("governor_rule_input_datapoints_total") - delta(
+                    "governor_rule_output_datapoints_total"
+                )
         else:
             received = float(done["samples_accepted"])
             sent = vm_rows(vm_url) - rows0
-        if sent >= received:
+        if sent >= received - removed:
             drained = True
             break
         time.sleep(0.2)
@@ -559,6 +584,7 @@ def run_load(variant: Variant, args: argparse.Namespace, run: int, procs: Procs,
     hwm = hwm_mb(proxy.pid)
     stored = vm_rows(vm_url) - rows0
     receiver_codes: dict[str, int] = {}
+    rule_stats: dict[str, dict[str, int]] = {}
     if target == "governor":
         after = scrape(tel + "/metrics")
         for name, lbl, v in after:
@@ -567,6 +593,10 @@ def run_load(variant: Variant, args: argparse.Namespace, run: int, procs: Procs,
                     before, "governor_receiver_requests_total", code=lbl.get("code", "")
                 )
                 receiver_codes[lbl.get("code", "?")] = int(v - prev)
+            m = re.fullmatch(r"governor_rule_(\w+)_datapoints_total", name)
+            if m and lbl.get("pipeline") == "prw":
+                prev = metric_sum(before, name, pipeline="prw", rule=lbl.get("rule", ""))
+                rule_stats.setdefault(lbl.get("rule", "?"), {})[m[1]] = int(v - prev)
     else:
         receiver_codes = {k: int(v) for k, v in done["status_counts"].items()}
 
@@ -578,7 +608,7 @@ def run_load(variant: Variant, args: argparse.Namespace, run: int, procs: Procs,
             Procs.stop(profile_proc)
         if profile_file and profile_file.exists() and args.profile_format != "flamegraph":
             profile_summary = summarise_profile(profile_file, args.profile_format)
-            (OUT / f"{args.profile_name}_summary.txt").write_text(profile_summary)
+            (OUT / f"{profile_name}_summary.txt").write_text(profile_summary)
 
     Procs.stop(proxy, timeout=30)
     Procs.stop(vm)
@@ -591,6 +621,7 @@ def run_load(variant: Variant, args: argparse.Namespace, run: int, procs: Procs,
     wall = sum(machine1) - sum(machine0)
     steal = machine1.steal - machine0.steal
     delivered = sent if target == "governor" else stored
+    accepted = done["samples_accepted"]
     return {
         "target": variant.label,
         "proxy": target,
@@ -611,6 +642,12 @@ def run_load(variant: Variant, args: argparse.Namespace, run: int, procs: Procs,
         "cpu_s_load_window": round(cpu_load, 3),
         "cpu_s_per_million_samples": round(cpu / delivered * 1e6, 3) if delivered else None,
         "samples_per_cpu_s": round(delivered / cpu, 0) if cpu else None,
+        "accepted_samples_per_cpu_s": round(accepted / cpu, 0) if cpu else None,
+        "cpu_s_per_million_accepted": round(cpu / accepted * 1e6, 3) if accepted else None,
+        "rules_file": str(variant.rules) if variant.rules else None,
+        "samples_received_by_governor": int(received) if target == "governor" else None,
+        "samples_removed_by_rules": int(removed),
+        "rule_stats": rule_stats,
         "cpu_cores_avg": round(cpu / window, 3) if window else None,
         "runqueue_wait_s": round(rq_wait, 3),
         "minor_faults_per_request": round(faults / max(1, done["requests_sent"]), 1),
@@ -632,16 +669,20 @@ def run_load(variant: Variant, args: argparse.Namespace, run: int, procs: Procs,
 
 
 class Variant:
-    """What one measurement runs: a proxy, and for governor its queue mode."""
+    """What one measurement runs: a proxy, and for governor its queue mode and rules file."""
 
-    def __init__(self, target: str, queue: str = "memory", durable: bool = False) -> None:
-        self.target, self.queue, self.durable = target, queue, durable
+    def __init__(
+        self, target: str, queue: str = "memory", durable: bool = False, rules: Path | None = None
+    ) -> None:
+        self.target, self.queue, self.durable, self.rules = target, queue, durable, rules
         self.label = target
         if target == "governor" and (queue != "memory" or durable):
             self.label = f"governor/{queue}" + ("+durable" if durable else "")
 
 
-def variants(targets: list[str], queues: list[str], durable: bool) -> list[Variant]:
+def variants(
+    targets: list[str], queues: list[str], durable: bool, rules: Path | None = None
+) -> list[Variant]:
     out = []
     for t in targets:
         if t != "governor":
@@ -652,6 +693,10 @@ def variants(targets: list[str], queues: list[str], durable: bool) -> list[Varia
             if len(queues) > 1 and q == "memory":
                 v.label = "governor/memory"
             out.append(v)
+            if rules is not None:  # the same configuration with the rules file, next to it
+                w = Variant(t, q, durable and q == "disk", rules)
+                w.label = v.label + "+rules"
+                out.append(w)
     return out
 
 
@@ -714,6 +759,17 @@ _FIGURES = [
 ]
 
 
+# With --rules: the figures both configurations are compared on (samples the load generator got a
+# 2xx for; with rules fewer samples reach the backend than governor accepted).
+_RULES_FIGURES = [
+    ("accepted_samples_per_s", "accepted samples/s (2xx to the load generator)", "{:,.0f}"),
+    ("accepted_samples_per_cpu_s", "accepted samples per proxy CPU-second", "{:,.0f}"),
+    ("cpu_s_per_million_accepted", "proxy CPU-s per million accepted samples", "{:.3f}"),
+    ("samples_removed_by_rules", "samples removed by rules (input - output)", "{:,.0f}"),
+]
+RULES_TARGET = 0.60  # the issue's target: rules keep >= 60 % of the no-rules samples/CPU-s
+
+
 def median_of(results: list[dict], key: str) -> float | None:
     values = [r[key] for r in results if r.get(key) is not None]
     return statistics.median(values) if values else None
@@ -721,8 +777,10 @@ def median_of(results: list[dict], key: str) -> float | None:
 
 def report(results: list[dict], args: argparse.Namespace, labels: list[str]) -> dict[str, Any]:
     targets = [t for t in labels if any(r["target"] == t for r in results)]
+    with_rules = any(r.get("rules_file") for r in results)
+    figures = _FIGURES + (_RULES_FIGURES if with_rules else [])
     medians = {
-        t: {k: median_of([r for r in results if r["target"] == t], k) for k, _, _ in _FIGURES}
+        t: {k: median_of([r for r in results if r["target"] == t], k) for k, _, _ in figures}
         for t in targets
     }
     print(
@@ -734,7 +792,7 @@ def report(results: list[dict], args: argparse.Namespace, labels: list[str]) -> 
         print(f"\n{t}" + (" (PROFILED: py-spy attached)" if runs[0]["profiled"] else ""))
         header = f"  {'figure':46s} {'median':>12s}  per run"
         print(header)
-        for key, label, fmt in _FIGURES:
+        for key, label, fmt in figures:
             med = medians[t][key]
             per = ", ".join(fmt.format(r[key]) if r[key] is not None else "-" for r in runs)
             print(f"  {label:46s} {fmt.format(med) if med is not None else '-':>12s}  [{per}]")
@@ -744,7 +802,22 @@ def report(results: list[dict], args: argparse.Namespace, labels: list[str]) -> 
                 f"loadgen {r['loadgen_status_codes']}, drained={r['drained']}, "
                 f"delivered {r['samples_delivered']:,} of {r['samples_accepted']:,} accepted, "
                 f"stored in victoria-metrics {r['samples_stored_in_vm']:,}"
+                + (
+                    f", removed by rules {r['samples_removed_by_rules']:,}"
+                    if r.get("rules_file")
+                    else ""
+                )
             )
+        if any(r.get("rule_stats") for r in runs):
+            print("  rules: datapoints matched, % of the samples governor received (median)")
+            for rule in runs[0]["rule_stats"]:
+                shares = [
+                    r["rule_stats"].get(rule, {}).get("input", 0)
+                    / max(1, r["samples_received_by_governor"] or 0)
+                    * 100
+                    for r in runs
+                ]
+                print(f"    {rule:28s} {statistics.median(shares):6.1f} %")
     ratios: dict[str, float] = {}
     governors = [t for t in targets if t.startswith("governor")]
     if "vmagent" in targets and governors:
@@ -780,10 +853,47 @@ def report(results: list[dict], args: argparse.Namespace, labels: list[str]) -> 
                 if d[key] and m[key]:
                     queue_ratios[gl][key] = round(d[key] / m[key], 3)
                     print(f"  {label:46s} {queue_ratios[gl][key]:>12.3f}")
+    rules_ratios: dict[str, dict[str, Any]] = {}
+    for gl in governors:
+        base = gl.removesuffix("+rules")
+        if gl == base or base not in medians:
+            continue
+        d, m = medians[gl], medians[base]
+        print(f"\n{gl} / {base} (medians, same runs)")
+        rules_ratios[gl] = {}
+        for key, label in (
+            ("accepted_samples_per_cpu_s", "accepted samples per CPU-second"),
+            ("cpu_s_per_million_accepted", "CPU-s per million accepted samples"),
+            ("cpu_s", "proxy CPU-seconds"),
+            ("peak_rss_mb", "peak RSS"),
+            ("loadgen_latency_ms_p50", "request latency p50"),
+        ):
+            if d[key] and m[key]:
+                rules_ratios[gl][key] = round(d[key] / m[key], 3)
+                print(f"  {label:46s} {rules_ratios[gl][key]:>12.3f}")
+        # Per run as well: the configurations alternate within each run.
+        key = "accepted_samples_per_cpu_s"
+        per_run = []
+        for n in sorted({r["run"] for r in results}):
+            a = next((x[key] for x in results if x["run"] == n and x["target"] == gl), None)
+            b = next((x[key] for x in results if x["run"] == n and x["target"] == base), None)
+            if a and b:
+                per_run.append(round(a / b, 3))
+        if per_run:
+            rules_ratios[gl]["per_run_" + key] = per_run
+            print(f"  {'accepted samples per CPU-second, per run':46s} {per_run}")
     if governors and not any(r["profiled"] for r in results):
         print("\ntargets (governor, medians)")
         for gl in governors:
             g = medians[gl]
+            if gl in rules_ratios:
+                r = rules_ratios[gl].get("accepted_samples_per_cpu_s")
+                verdict = "met" if r is not None and r >= RULES_TARGET else "NOT met"
+                print(
+                    f"  {gl}: accepted samples per CPU-second >= {RULES_TARGET:.0%} of "
+                    f"{gl.removesuffix('+rules')}'s: {(r or 0) * 100:.1f} % -> {verdict}"
+                )
+                continue
             spc, rss = g["samples_per_cpu_s"], g["peak_rss_mb"]
             verdict = "met" if spc and spc >= 450_000 else "NOT met"
             print(f"  {gl}: samples per CPU-second >= 450,000: {spc or 0:,.0f} -> {verdict}")
@@ -804,6 +914,7 @@ def report(results: list[dict], args: argparse.Namespace, labels: list[str]) -> 
         "medians": medians,
         "ratios_governor_over_vmagent": ratios,
         "ratios_over_memory_queue": queue_ratios,
+        "ratios_rules_over_no_rules": rules_ratios,
     }
 
 
@@ -849,6 +960,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="governor's prw.receiver.max_concurrent_requests (default: governor's own, 16)",
     )
+    p.add_argument(
+        "--rules",
+        type=Path,
+        metavar="FILE",
+        help="also measure governor with FILE as rules.file, alternating with no rules",
+    )
     p.add_argument("--json-out", type=Path, help="where to write the JSON results")
     args = p.parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -859,7 +976,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--queue takes memory and/or disk")
     if args.durable_ack and "disk" not in queues:
         p.error("--durable-ack needs --queue disk")
-    plan = variants(targets, queues, args.durable_ack)
+    if args.rules is not None:
+        if "governor" not in targets:
+            p.error("--rules needs governor among --targets")
+        if not args.rules.is_file():
+            p.error(f"--rules: no such file {args.rules}")
+        args.rules = args.rules.resolve()
+    plan = variants(targets, queues, args.durable_ack, args.rules)
     if args.runs < 1 or args.duration <= 0 or args.rate <= 0:
         p.error("--runs, --duration and --rate must be positive")
 
@@ -886,6 +1009,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f"; governor env {args.governor_env}" if args.governor_env else "")
         + ("; pinned (--pin)" if args.pin else "")
         + (f"; --connections {args.connections}" if args.connections != 8 else "")
+        + (f"; rules file {args.rules}" if args.rules else "")
         + (
             f"; prw.receiver.max_concurrent_requests {args.max_concurrent_requests}"
             if args.max_concurrent_requests

@@ -98,9 +98,7 @@ def request(items: list[tuple[str, str, str, int, float]], ts: int) -> bytes:
 
 def engine(now: list[int]) -> RuleEngine:
     rng = random.Random(7)
-    return RuleEngine(
-        load_rules(RULES), pipeline="prw", clock_ms=lambda: now[0], rand=rng.random
-    )
+    return RuleEngine(load_rules(RULES), pipeline="prw", clock_ms=lambda: now[0], rand=rng.random)
 
 
 def series_of(governed: prw.Governed, data: bytes) -> list[str]:
