@@ -23,7 +23,7 @@ from service._proto.prometheus.remote_pb2 import WriteRequest
 from service._proto.prometheus.types_pb2 import Label, Sample, TimeSeries
 from service.codec import prw as prw_codec
 from service.codec.errors import BadProtobuf
-from service.governance.engine import PASS_ROUTE, ROUTE_CACHE_MAX, Route, RuleEngine
+from service.governance.engine import PASS_ROUTE, ROUTE_CACHE_MAX, RuleEngine, SeriesKey
 from service.governance.rules import Rule
 from service.governance.windows import Emitted
 
@@ -75,18 +75,31 @@ KEEP, RELABEL, DROP, DYNAMIC = 0, 1, 2, 3
 
 
 @attrs.frozen(eq=False, slots=True)
-class _Cached:
-    route: Route
-    relabeled: bytes | None  # the serialized labels the rules leave, when they change them
-    disposition: int  # KEEP, RELABEL, DROP, or DYNAMIC (sampled per request, or windowed)
-    labels: dict[str, str]  # the labels after the rules (`__name__` aside)
-    # The rules the series passes (shared by every series with the same ones): requests are
-    # counted per path, not per series.
-    path: tuple[Any, ...]
+class _Dynamic:
+    """What a series sampled per request or folded into windows needs each time."""
+
+    terminal: Rule
+    name: str
+    kind: str
+    key: SeriesKey | None
+    labels: dict[str, str]  # after the rules (`__name__` aside)
     wire: bytes  # the series' labels as serialized after the rules (window outputs reuse them)
 
 
-_PASS = _Cached(PASS_ROUTE, None, KEEP, {}, (), b"")
+@attrs.frozen(eq=False, slots=True)
+class _Cached:
+    """A series' treatment. Series that need nothing of their own (passed on as they are, or
+    dropped) share one object per path, so the cache costs little more than its keys."""
+
+    disposition: int  # KEEP, RELABEL, DROP, or DYNAMIC (sampled per request, or windowed)
+    # The rules the series passes, shared by every series with the same ones: requests are
+    # counted per path, not per series.
+    path: tuple[Any, ...]
+    relabeled: bytes | None = None  # the serialized labels the rules leave, when they change
+    dynamic: _Dynamic | None = None
+
+
+_PASS = _Cached(KEEP, ())
 
 
 def _route(engine: RuleEngine, key: bytes) -> _Cached:
@@ -109,19 +122,24 @@ def _route(engine: RuleEngine, key: bytes) -> _Cached:
         new.labels.extend(_labels(route.name, final))
         relabeled = new.SerializeToString()
     t = route.terminal
-    if t is None:
-        disposition = RELABEL if relabeled is not None else KEEP
-    elif t.action == "drop" or (
-        t.action == "sample" and t.settings.method == "hash" and not route.hash_keep
-    ):
-        disposition = DROP
-    elif t.action == "sample" and t.settings.method == "hash":
-        disposition = RELABEL if relabeled is not None else KEEP
-    else:
-        disposition = DYNAMIC
     path = (route.transforms, t, route.hash_keep)
     path = engine.route_paths.setdefault(path, path)
-    return _Cached(route, relabeled, disposition, final, path, relabeled or key)
+    if t is None or (t.action == "sample" and t.settings.method == "hash"):
+        if t is not None and not route.hash_keep:
+            disposition = DROP
+        else:
+            disposition = RELABEL if relabeled is not None else KEEP
+    elif t.action == "drop":
+        disposition = DROP
+    else:
+        dynamic = _Dynamic(t, route.name, route.kind, route.key, final, relabeled or key)
+        return _Cached(DYNAMIC, path, relabeled, dynamic)
+    if disposition == RELABEL:
+        return _Cached(RELABEL, path, relabeled)
+    shared = engine.route_paths.get((disposition, path))
+    if shared is None:
+        shared = engine.route_paths[(disposition, path)] = _Cached(disposition, path)
+    return shared
 
 
 def _govern_cached(engine: RuleEngine, data: bytes, counts: prw_codec.Counts) -> Governed | None:
@@ -166,10 +184,11 @@ def _govern_cached(engine: RuleEngine, data: bytes, counts: prw_codec.Counts) ->
         if d == RELABEL:
             append(series)
             continue
-        t = c.route.terminal
-        assert t is not None
+        dyn = c.dynamic
+        assert dyn is not None
+        t = dyn.terminal
         if t.action == "sample":  # probabilistic or head: decided per datapoint
-            if _sample(engine, t, c.route):
+            if _sample(engine, t, dyn.key):
                 append(series)
             continue
         windowed.append(i)
@@ -181,20 +200,19 @@ def _govern_cached(engine: RuleEngine, data: bytes, counts: prw_codec.Counts) ->
         samples = MergedWriteRequest.FromString(joined).timeseries.samples
         stats = engine.stats
         for i, sample in zip(windowed, samples):
-            c = cached[i]
-            route = c.route
-            t = route.terminal
-            assert t is not None
+            dyn = cached[i].dynamic
+            assert dyn is not None and dyn.key is not None
+            t = dyn.terminal
             engine.absorb(
                 t,
                 stats[t.name],
-                route.key,
-                route.name,
-                c.labels,
-                route.kind,
+                dyn.key,
+                dyn.name,
+                dyn.labels,
+                dyn.kind,
                 # downsample outputs carry the series' serialized labels (encode reuses them);
                 # aggregate groups are built from labels, and take no origin on this pipeline
-                c.wire if t.action == "downsample" else None,
+                dyn.wire if t.action == "downsample" else None,
                 [(sample.timestamp, sample.value)],
                 now_ms,
             )
@@ -233,16 +251,16 @@ def _count_routes(engine: RuleEngine, cached: list[_Cached], now_s: float) -> No
             st.output += count
 
 
-def _sample(engine: RuleEngine, t: Rule, route: Route) -> bool:
+def _sample(engine: RuleEngine, t: Rule, key: SeriesKey | None) -> bool:
     """A probabilistic or head sample's decision for one single-sample series; counted."""
     s = t.settings
     if s.method == "probabilistic":
         keep = engine.rand() < s.rate
     else:
         heads = engine.head_counts(t.name)
-        seen = heads.get(route.key, 0)
+        seen = heads.get(key, 0)
         keep = seen == 0
-        heads[route.key] = (seen + 1) % s.n
+        heads[key] = (seen + 1) % s.n
     st = engine.stats[t.name]
     if keep:
         st.output += 1
