@@ -8,7 +8,6 @@ lookup for the rest); a request that no rule changed is forwarded as the client 
 from __future__ import annotations
 
 import collections
-from typing import Any
 
 import attrs
 from google.protobuf.message import DecodeError as _PBDecodeError
@@ -87,6 +86,15 @@ class _Dynamic:
 
 
 @attrs.frozen(eq=False, slots=True)
+class _Path:
+    """The rules a series passes; one object per distinct path (hashed by identity)."""
+
+    transforms: tuple[str, ...]
+    terminal: Rule | None
+    hash_keep: bool
+
+
+@attrs.frozen(eq=False, slots=True)
 class _Cached:
     """A series' treatment. Series that need nothing of their own (passed on as they are, or
     dropped) share one object per path, so the cache costs little more than its keys."""
@@ -94,12 +102,12 @@ class _Cached:
     disposition: int  # KEEP, RELABEL, DROP, or DYNAMIC (sampled per request, or windowed)
     # The rules the series passes, shared by every series with the same ones: requests are
     # counted per path, not per series.
-    path: tuple[Any, ...]
+    path: _Path | None
     relabeled: bytes | None = None  # the serialized labels the rules leave, when they change
     dynamic: _Dynamic | None = None
 
 
-_PASS = _Cached(KEEP, ())
+_PASS = _Cached(KEEP, None)
 
 
 def _route(engine: RuleEngine, key: bytes) -> _Cached:
@@ -122,8 +130,10 @@ def _route(engine: RuleEngine, key: bytes) -> _Cached:
         new.labels.extend(_labels(route.name, final))
         relabeled = new.SerializeToString()
     t = route.terminal
-    path = (route.transforms, t, route.hash_keep)
-    path = engine.route_paths.setdefault(path, path)
+    ident = (route.transforms, id(t), route.hash_keep)  # rules hash deeply: key by identity
+    path = engine.route_paths.get(ident)
+    if path is None:
+        path = engine.route_paths[ident] = _Path(route.transforms, t, route.hash_keep)
     if t is None or (t.action == "sample" and t.settings.method == "hash"):
         if t is not None and not route.hash_keep:
             disposition = DROP
@@ -136,9 +146,9 @@ def _route(engine: RuleEngine, key: bytes) -> _Cached:
         return _Cached(DYNAMIC, path, relabeled, dynamic)
     if disposition == RELABEL:
         return _Cached(RELABEL, path, relabeled)
-    shared = engine.route_paths.get((disposition, path))
+    shared = engine.route_paths.get((disposition, id(path)))
     if shared is None:
-        shared = engine.route_paths[(disposition, path)] = _Cached(disposition, path)
+        shared = engine.route_paths[(disposition, id(path))] = _Cached(disposition, path)
     return shared
 
 
@@ -227,9 +237,9 @@ def _count_routes(engine: RuleEngine, cached: list[_Cached], now_s: float) -> No
     """Per-rule counts of one request, per distinct path through the rules, not per series."""
     stats = engine.stats
     for path, count in collections.Counter(c.path for c in cached).items():
-        if not path:
+        if path is None:
             continue
-        transforms, t, hash_keep = path
+        transforms, t, hash_keep = path.transforms, path.terminal, path.hash_keep
         for rule_name in transforms:
             st = stats[rule_name]
             st.input += count

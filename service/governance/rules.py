@@ -186,7 +186,7 @@ class Classify:
     tables: tuple[Table, ...] = ()
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class Rule:
     name: str
     action: str
