@@ -291,13 +291,12 @@ class RuleEngine:
             break
         if terminal is None and not matched:
             return PASS_ROUTE
-        key = _series_key(new_name, current, None)
+        # The identity only where a terminal rule needs one (hash, head, windows).
+        key = None
+        if terminal is not None and terminal.action != "drop":
+            key = _series_key(new_name, current, None)
         hash_keep = True
-        if (
-            terminal is not None
-            and terminal.action == "sample"
-            and (terminal.settings.method == "hash")
-        ):
+        if key is not None and terminal.action == "sample" and terminal.settings.method == "hash":
             hash_keep = _hash_fraction(key) < terminal.settings.rate
         return Route(
             tuple(matched),

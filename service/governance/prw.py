@@ -126,9 +126,7 @@ def _route(engine: RuleEngine, key: bytes) -> _Cached:
     final = route.labels if route.labels is not None else labels
     relabeled = None
     if route.labels is not None or route.name != name:
-        new = LabelsOnlyLabels()
-        new.labels.extend(_labels(route.name, final))
-        relabeled = new.SerializeToString()
+        relabeled = labels_wire(route.name, final)
     t = route.terminal
     ident = (route.transforms, id(t), route.hash_keep)  # rules hash deeply: key by identity
     path = engine.route_paths.get(ident)
@@ -362,6 +360,36 @@ def _govern_each(engine: RuleEngine, data: bytes) -> Governed:
     )
 
 
+_ENTRIES: dict[tuple[str, str], bytes] = {}  # a label's serialized entry, for frequent pairs
+_ENTRIES_MAX = 100_000
+
+
+def labels_wire(name: str, labels: dict[str, str]) -> bytes:
+    """The label entries of a TimeSeries (field 1), sorted as Prometheus sorts them, with
+    `__name__`: what a LabelsOnlyLabels message with these labels serializes to."""
+    out = []
+    for pair in sorted({**labels, NAME: name}.items()):
+        entry = _ENTRIES.get(pair)
+        if entry is None:
+            k, v = pair[0].encode(), pair[1].encode()
+            body = b"\n" + _varint(len(k)) + k + (b"\x12" + _varint(len(v)) + v if v else b"")
+            entry = b"\n" + _varint(len(body)) + body
+            if len(_ENTRIES) >= _ENTRIES_MAX:
+                _ENTRIES.clear()
+            _ENTRIES[pair] = entry
+        out.append(entry)
+    return b"".join(out)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
 def _labels(name: str, labels: dict[str, str]) -> list[Label]:
     """Labels in Prometheus order: sorted by name, __name__ included."""
     pairs = sorted({**labels, NAME: name}.items())
@@ -373,12 +401,8 @@ def encode(emitted: list[Emitted]) -> tuple[bytes, int, int]:
     out: list[bytes] = []
     points = 0
     for e in emitted:
-        if isinstance(e.origin, bytes):  # the series' labels as already serialized
-            labels = e.origin
-        else:
-            view = LabelsOnlyLabels()
-            view.labels.extend(_labels(e.name, e.labels))
-            labels = view.SerializeToString()
+        # A downsample of the cached path carries the series' labels as already serialized.
+        labels = e.origin if isinstance(e.origin, bytes) else labels_wire(e.name, e.labels)
         samples = TimeSeries(samples=[Sample(value=v, timestamp=t) for t, v in e.points])
         out.append(labels + samples.SerializeToString())
         points += len(e.points)
