@@ -185,7 +185,12 @@ class App:
         intake = Intake(pcfg.receiver, tx, budget, ack_after_queue=pcfg.queue.mode != "memory")
         pipeline = Pipeline(name, intake, batcher, exporters, rx, rx.clone())
         if self.ruleset is not None:
-            pipeline.engine = RuleEngine(self.ruleset, pipeline=name, clock_ms=self.clock_ms)
+            pipeline.engine = RuleEngine(
+                self.ruleset,
+                pipeline=name,
+                clock_ms=self.clock_ms,
+                route_cache_max=self.cfg.rules.route_cache_series,
+            )
             pipeline.engine_tx = tx.clone()
             intake.engine = pipeline.engine
         self.pipelines.append(pipeline)

@@ -40,8 +40,6 @@ NUMERIC = frozenset({"gauge", "counter"})
 # A window is emitted this long after it ends, for points that arrive a little late.
 LATENESS_MS = 2000
 _NAME_CACHE_MAX = 100_000
-# Distinct series whose route is remembered: about 200 bytes each when no rule touches them.
-ROUTE_CACHE_MAX = 500_000
 
 
 @attrs.define
@@ -99,9 +97,12 @@ class RuleEngine:
         pipeline: str,
         clock_ms: Callable[[], int] | None = None,
         rand: Callable[[], float] = random.random,
+        route_cache_max: int = 200_000,
     ) -> None:
-        """`clock_ms`: milliseconds since the epoch (tests pass a virtual clock)."""
+        """`clock_ms`: milliseconds since the epoch (tests pass a virtual clock);
+        `route_cache_max`: distinct series whose route is remembered (remote write)."""
         self.pipeline = pipeline
+        self.route_cache_max = route_cache_max
         self.clock_ms = clock_ms or _wall_clock_ms
         self.rand = rand
         self.stats: dict[str, RuleStats] = {}
@@ -119,7 +120,7 @@ class RuleEngine:
         self.rules = ruleset.rules
         self._plans: dict[str, tuple[int, ...]] = {}
         # Per distinct series (its serialized labels), its Route: filled by the remote-write
-        # adapter, emptied when the rules change and when it reaches ROUTE_CACHE_MAX.
+        # adapter, emptied when the rules change and when it reaches route_cache_max.
         self.route_cache: dict[bytes, Any] = {}
         self.route_paths: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         states: dict[str, Any] = {}

@@ -22,7 +22,7 @@ from service._proto.prometheus.remote_pb2 import WriteRequest
 from service._proto.prometheus.types_pb2 import Label, Sample, TimeSeries
 from service.codec import prw as prw_codec
 from service.codec.errors import BadProtobuf
-from service.governance.engine import PASS_ROUTE, ROUTE_CACHE_MAX, RuleEngine, SeriesKey
+from service.governance.engine import PASS_ROUTE, RuleEngine, SeriesKey
 from service.governance.rules import Rule
 from service.governance.windows import Emitted
 
@@ -161,7 +161,7 @@ def _govern_cached(engine: RuleEngine, data: bytes, counts: prw_codec.Counts) ->
     if None in cached:
         for i, c in enumerate(cached):
             if c is None:
-                if len(cache) >= ROUTE_CACHE_MAX:
+                if len(cache) >= engine.route_cache_max:
                     cache.clear()
                 cached[i] = cache[keys[i]] = _route(engine, keys[i])
     n = len(cached)
