@@ -121,7 +121,8 @@ def compress(data: bytes, encoding: str) -> bytes:
     raise UnsupportedEncoding(f"content-encoding {encoding!r} is not supported")
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """Protobuf's base-128 varint encoding of `n` >= 0."""
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
@@ -148,4 +149,4 @@ def snappy_concat(blocks: list[bytes], total_len: int) -> bytes:
     """
     if len(blocks) == 1:
         return blocks[0]
-    return b"".join([_varint(total_len), *map(snappy_body, blocks)])
+    return b"".join([varint(total_len), *map(snappy_body, blocks)])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import AbstractAsyncContextManager, nullcontext
+from pathlib import Path
 from typing import Protocol
 
 import trio
@@ -48,6 +49,7 @@ class Exporter:
         self.sent_datapoints = 0
         self.dropped_datapoints: dict[str, int] = {}
         self._settled: dict[int, int] = {}  # id(queued batch) -> datapoints settled by its parts
+        self._token: str = getattr(cfg, "bearer_token", "")
         self._log = logs.get(f"export.{self.pipeline}")
         self._rl = logs.RateLimited(self._log, log_interval_s)
         labels = (self.pipeline, self.name)
@@ -72,6 +74,23 @@ class Exporter:
     def _client(self) -> AbstractAsyncContextManager[object]:
         """The connection pool the workers share, open while they run."""
         return nullcontext()
+
+    def bearer_token(self) -> str:
+        """The bearer token: `bearer_token`, or `bearer_token_file` read again for every request
+        (as Prometheus does), so a rotated token (Kubernetes service accounts) is picked up. An
+        unreadable file keeps the last token and is logged."""
+        path = getattr(self.cfg, "bearer_token_file", "")
+        if path:
+            try:
+                self._token = Path(path).read_text().strip()
+            except OSError as e:
+                self._rl.warning(
+                    "token_file",
+                    "cannot read bearer_token_file; sending the last token",
+                    exporter=self.name,
+                    error=str(e),
+                )
+        return self._token
 
     # ---- the delivery loop
 

@@ -72,7 +72,6 @@ class _OTLPExporter(Exporter):
             cfg, exporter_name(cfg), queue, metrics=metrics, log_interval_s=log_interval_s
         )
         self.cfg: OTLPExporterConfig = cfg
-        self._token = cfg.bearer_token
 
     def _halves(self, batch: Batch) -> tuple[Batch, Batch] | None:
         halves = otlp.split(batch.payload)
@@ -83,21 +82,6 @@ class _OTLPExporter(Exporter):
             points, metrics = otlp.count(otlp.decode(half))
             out.append(Batch(half, "identity", metrics, points, len(half)))
         return out[0], out[1]
-
-    def _bearer(self) -> str:
-        """The bearer token, re-read from its file for every request (rotated tokens); an
-        unreadable file keeps the last token and is logged."""
-        if self.cfg.bearer_token_file:
-            try:
-                self._token = Path(self.cfg.bearer_token_file).read_text().strip()
-            except OSError as e:
-                self._rl.warning(
-                    "token_file",
-                    "cannot read bearer_token_file; sending the last token",
-                    exporter=self.name,
-                    error=str(e),
-                )
-        return self._token
 
 
 class OTLPHTTPExporter(_OTLPExporter):
@@ -140,7 +124,7 @@ class OTLPHTTPExporter(_OTLPExporter):
             else:
                 body = compression.compress(body, self._encoding)
         headers = self._headers
-        if token := self._bearer():
+        if token := self.bearer_token():
             headers = {**headers, "authorization": f"Bearer {token}"}
         try:
             resp = await self._http.post(self.url, content=body, headers=headers)
@@ -191,7 +175,7 @@ class OTLPGRPCExporter(_OTLPExporter):
 
     async def _attempt(self, batch: Batch) -> Outcome:
         metadata = self._metadata
-        if token := self._bearer():
+        if token := self.bearer_token():
             metadata = (*metadata, ("authorization", f"Bearer {token}"))
         token_ = trio.lowlevel.current_trio_token()
         finished = trio.Event()

@@ -98,22 +98,10 @@ class PRWExporter(Exporter):
         return classify_http(resp.status_code, resp.headers, resp.content)
 
     def _current_headers(self) -> dict[str, str]:
-        """The request headers, with the bearer token re-read from its file for every request
-        (as Prometheus does), so a rotated token (Kubernetes service accounts) is picked up. An
-        unreadable file keeps the last token and is logged."""
+        """The request headers, with the current bearer token (see `bearer_token`)."""
         if not self.cfg.bearer_token_file:
             return self._headers
-        try:
-            token = Path(self.cfg.bearer_token_file).read_text().strip()
-        except OSError as e:
-            self._rl.warning(
-                "token_file",
-                "cannot read bearer_token_file; sending the last token",
-                exporter=self.name,
-                error=str(e),
-            )
-            return self._headers
-        auth = f"Bearer {token}"
+        auth = f"Bearer {self.bearer_token()}"
         if self._headers.get("authorization") != auth:
             self._headers = {**self._headers, "authorization": auth}
         return self._headers

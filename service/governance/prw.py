@@ -21,6 +21,7 @@ from service._proto.governor.prw_views_pb2 import (
 from service._proto.prometheus.remote_pb2 import WriteRequest
 from service._proto.prometheus.types_pb2 import Label, Sample, TimeSeries
 from service.codec import prw as prw_codec
+from service.codec.compression import varint
 from service.codec.errors import BadProtobuf
 from service.governance.engine import PASS_ROUTE, RuleEngine, SeriesKey
 from service.governance.rules import Rule
@@ -372,22 +373,13 @@ def labels_wire(name: str, labels: dict[str, str]) -> bytes:
         entry = _ENTRIES.get(pair)
         if entry is None:
             k, v = pair[0].encode(), pair[1].encode()
-            body = b"\n" + _varint(len(k)) + k + (b"\x12" + _varint(len(v)) + v if v else b"")
-            entry = b"\n" + _varint(len(body)) + body
+            body = b"\n" + varint(len(k)) + k + (b"\x12" + varint(len(v)) + v if v else b"")
+            entry = b"\n" + varint(len(body)) + body
             if len(_ENTRIES) >= _ENTRIES_MAX:
                 _ENTRIES.clear()
             _ENTRIES[pair] = entry
         out.append(entry)
     return b"".join(out)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def _labels(name: str, labels: dict[str, str]) -> list[Label]:
