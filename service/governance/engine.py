@@ -351,6 +351,16 @@ class RuleEngine:
         # downsample and aggregate: numeric series only
         if kind not in NUMERIC or points_of is None:
             st.input -= n
+            if not st.skipped:
+                logs.log(
+                    log,
+                    logging.WARNING,
+                    "rule matched datapoints it does not handle; they pass on unchanged",
+                    rule=rule.name,
+                    action=action,
+                    kind=kind,
+                    pipeline=self.pipeline,
+                )
             st.skipped += n
             return None
         if labels is None:

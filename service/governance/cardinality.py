@@ -1,0 +1,493 @@
+"""Cardinality trackers: how many distinct series a metric (or anything else) has had lately.
+
+Owns the stable series hash, a HyperLogLog sketch, a tracker that counts exactly up to a limit and
+then by sketch, and the two-window tracker whose count goes down when series stop. Sans-IO: no
+clock (callers pass the time in), no trio, no Python `hash()` (randomised per process).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import sys
+from collections.abc import Iterable, Mapping
+from itertools import islice
+
+import attrs
+import xxhash
+
+__all__ = [
+    "DEFAULT_EXACT_LIMIT",
+    "DEFAULT_PRECISION",
+    "CardinalityTracker",
+    "HyperLogLog",
+    "WindowStats",
+    "WindowedTracker",
+    "hash_many",
+    "series_hash",
+    "top_k",
+]
+
+# 2^14 one-byte registers (16 KiB): standard error 1.04 / sqrt(2^14) = 0.81 %.
+DEFAULT_PRECISION = 14
+# Up to this many distinct series a tracker holds their hashes and counts exactly. A hash in a
+# set costs ~73 bytes (a 40-byte int and ~33 bytes of table), so a set of 1000 (~73 KB) is
+# already 4.5x a p=14 sketch; past it the sketch's ~0.8 % error no longer reads as a wrong
+# count, while below it the numbers operators compare by eye (and per-metric limits in the
+# hundreds) stay exact.
+DEFAULT_EXACT_LIMIT = 1000
+
+_MIN_PRECISION = 4
+_MAX_PRECISION = 18  # 256 KiB of registers
+# What a 64-bit hash costs in a set besides the table slot: 15 in 16 are >= 2^60, which
+# CPython stores in 36 bytes, rounded up to 40 by its allocator.
+_INT_BYTES = (sys.getsizeof(1 << 63) + 7) & ~7
+# Exact mode reads iterables in chunks this long, so one huge batch cannot grow the set far past
+# the limit before the tracker switches to a sketch.
+_CHUNK = 4096
+_ALPHA_INF = 1 / (2 * math.log(2))
+
+_xxh3_64 = xxhash.xxh3_64_intdigest
+
+
+def series_hash(data: bytes) -> int:
+    """The identity of a series as an int in [0, 2^64): XXH3-64 (seed 0) of its canonical
+    serialized labels (for remote write: the bytes of its `Label` fields, which the protocol
+    sends sorted by name). The same in every process, replica and release."""
+    return _xxh3_64(data)
+
+
+def hash_many(keys: Iterable[bytes]) -> list[int]:
+    """`series_hash` of each key, in order (iterated in C: ~70 ns for a 100-byte key)."""
+    return list(map(_xxh3_64, keys))
+
+
+class HyperLogLog:
+    """A HyperLogLog sketch of 64-bit hashes: 2^precision one-byte registers.
+
+    The low `precision` bits of a hash choose the register; the register keeps the largest
+    rank seen, the rank being the number of leading zeros of the other 64 - precision bits, plus
+    one. count() uses Ertl's improved raw estimator ("New cardinality estimation algorithms for
+    HyperLogLog sketches", 2017; also Redis' since 4.0): unbiased from 0 to far past 10^10
+    distinct hashes without an empirical bias table or a switch between linear counting and the
+    raw estimate, where the classic estimator is ~1.5 % high (at p=14, around 40-50k). With
+    64-bit hashes no large-range correction is needed. Standard error 1.04 / sqrt(2^p).
+
+    Hashes must be ints in [0, 2^64) (`series_hash` output); nothing checks that on the hot
+    path.
+    """
+
+    __slots__ = ("_at_floor", "_cut", "_estimate", "_floor", "_mask", "_p", "_regs")
+
+    def __init__(self, precision: int = DEFAULT_PRECISION) -> None:
+        if not _MIN_PRECISION <= precision <= _MAX_PRECISION:
+            raise ValueError(
+                f"precision must be in [{_MIN_PRECISION}, {_MAX_PRECISION}], got {precision}"
+            )
+        self._p = precision
+        self._mask = (1 << precision) - 1
+        self._regs = bytearray(1 << precision)
+        # Every register is >= _floor, and _at_floor of them equal it. A hash whose rank is
+        # <= _floor cannot raise anything: those are exactly the hashes >= _cut, which
+        # add_hashes drops with a C-level filter. Once the sketch has seen ~30x as many hashes
+        # as it has registers, that skips most of them (10M hashes at p=14: 63 in 64).
+        self._floor = 0
+        self._at_floor = 1 << precision
+        self._cut = 1 << 64
+        self._estimate: float | None = 0.0  # count(), until a register changes
+
+    @property
+    def precision(self) -> int:
+        return self._p
+
+    @property
+    def registers(self) -> bytes:
+        """A copy of the registers (index = low bits of the hash)."""
+        return bytes(self._regs)
+
+    def add_hash(self, h: int) -> None:
+        """Add one hash. For more than a few, add_hashes is cheaper per hash."""
+        p = self._p
+        r = 65 - p - (h >> p).bit_length()
+        i = h & self._mask
+        old = self._regs[i]
+        if r > old:
+            self._regs[i] = r
+            self._estimate = None
+            if old == self._floor:
+                self._at_floor -= 1
+                if not self._at_floor:
+                    self._settle_floor()
+
+    def add_hashes(self, hashes: Iterable[int]) -> None:
+        """Add every hash of an iterable (read once). ~90 ns per hash while the sketch fills,
+        falling to ~40 ns once it has seen ~10^7 (most are then dropped before the loop)."""
+        regs = self._regs
+        p = self._p
+        mask = self._mask
+        lim = 65 - p
+        floor = self._floor
+        at_floor = self._at_floor
+        changed = False
+        if floor:
+            hashes = filter(self._cut.__gt__, hashes)
+        for h in hashes:
+            r = lim - (h >> p).bit_length()
+            i = h & mask
+            old = regs[i]
+            if r > old:
+                regs[i] = r
+                changed = True
+                if old == floor:
+                    at_floor -= 1
+        if changed:
+            self._estimate = None
+            self._at_floor = at_floor
+            if not at_floor:
+                self._settle_floor()
+
+    def count(self) -> float:
+        """The estimated number of distinct hashes added. Cached until a register changes;
+        otherwise ~0.1-0.2 ms at p=14."""
+        if self._estimate is None:
+            self._estimate = _estimate(self._regs, self._p, self._floor)
+        return self._estimate
+
+    def merge(self, other: HyperLogLog) -> None:
+        """Make this sketch the union of itself and `other` (register-wise maximum): the same
+        registers as one sketch fed both inputs. Raises ValueError if the precisions differ."""
+        if other._p != self._p:
+            raise ValueError(f"cannot merge precision {other._p} into precision {self._p}")
+        n = len(self._regs)
+        x = int.from_bytes(self._regs, "big")
+        y = int.from_bytes(other._regs, "big")
+        # Register-wise max over all registers at once, as big-int arithmetic (~70 us at p=14,
+        # 20x a Python loop): registers are < 0x80, so (x | 0x80..) - y borrows within no byte,
+        # and a byte keeps its high bit exactly where x >= y.
+        high_bits = int.from_bytes(b"\x80" * n, "big")
+        ge = ((x | high_bits) - y) & high_bits
+        ge = (ge << 1) - (ge >> 7)  # 0xff in those bytes
+        self._regs[:] = ((x & ge) | (y & ~ge)).to_bytes(n, "big")
+        self._estimate = None
+        self._settle_floor()
+
+    def copy(self) -> HyperLogLog:
+        new = HyperLogLog(self._p)
+        new._regs[:] = self._regs
+        new._floor = self._floor
+        new._at_floor = self._at_floor
+        new._cut = self._cut
+        new._estimate = self._estimate
+        return new
+
+    def memory_bytes(self) -> int:
+        return sys.getsizeof(self) + sys.getsizeof(self._regs)
+
+    def _settle_floor(self) -> None:
+        """Raise _floor to the smallest register (registers only grow, so never lower)."""
+        regs = self._regs
+        floor = self._floor
+        at = regs.count(floor)
+        while not at:
+            floor += 1
+            at = regs.count(floor)
+        self._floor = floor
+        self._at_floor = at
+        self._cut = 1 << (64 - floor)
+
+    def __repr__(self) -> str:
+        return f"HyperLogLog(precision={self._p}, count={self.count():.1f})"
+
+
+def _estimate(regs: bytearray, p: int, floor: int) -> float:
+    """Ertl's improved raw estimator (his algorithm 6) over the register histogram."""
+    m = len(regs)
+    q = 64 - p
+    hist = [0] * (q + 2)
+    left = m
+    k = floor  # no register is below it
+    while left:
+        c = regs.count(k)
+        hist[k] = c
+        left -= c
+        k += 1
+    z = m * _tau(1 - hist[q + 1] / m)
+    for k in range(q, 0, -1):
+        z = 0.5 * (z + hist[k])
+    z += m * _sigma(hist[0] / m)
+    return _ALPHA_INF * m * m / z  # 0.0 when empty (z is infinite)
+
+
+def _sigma(x: float) -> float:
+    if x == 1.0:
+        return math.inf
+    y = 1.0
+    z = x
+    while True:
+        x *= x
+        prev = z
+        z += x * y
+        y += y
+        if z == prev:
+            return z
+
+
+def _tau(x: float) -> float:
+    if x in (0.0, 1.0):
+        return 0.0
+    y = 1.0
+    z = 1 - x
+    while True:
+        x = math.sqrt(x)
+        prev = z
+        y *= 0.5
+        z -= (1 - x) ** 2 * y
+        if z == prev:
+            return z / 3
+
+
+class CardinalityTracker:
+    """Distinct series hashes: a set of them up to `exact_limit`, then a HyperLogLog.
+
+    While exact, count() is exact. When a hash beyond the limit arrives, every hash the set held
+    goes into a new sketch and the set is dropped, so the count carries on from where it was
+    (within the sketch's error) and memory stops growing: at most ~73 bytes a hash (plus up to
+    4096 hashes of the batch that crossed the limit) while exact, 2^precision bytes after.
+    """
+
+    __slots__ = ("_exact", "_hll", "_limit", "_p")
+
+    def __init__(
+        self, exact_limit: int = DEFAULT_EXACT_LIMIT, precision: int = DEFAULT_PRECISION
+    ) -> None:
+        if exact_limit < 0:
+            raise ValueError(f"exact_limit must be >= 0, got {exact_limit}")
+        if not _MIN_PRECISION <= precision <= _MAX_PRECISION:
+            raise ValueError(
+                f"precision must be in [{_MIN_PRECISION}, {_MAX_PRECISION}], got {precision}"
+            )
+        self._limit = exact_limit
+        self._p = precision
+        self._exact: set[int] | None = set()
+        self._hll: HyperLogLog | None = None
+
+    @property
+    def is_exact(self) -> bool:
+        return self._hll is None
+
+    @property
+    def exact_limit(self) -> int:
+        return self._limit
+
+    @property
+    def precision(self) -> int:
+        return self._p
+
+    def add_hash(self, h: int) -> None:
+        if self._hll is not None:
+            self._hll.add_hash(h)
+            return
+        exact = self._exact
+        assert exact is not None
+        exact.add(h)
+        if len(exact) > self._limit:
+            self._switch()
+
+    def add_hashes(self, hashes: Iterable[int]) -> None:
+        """Add every hash of an iterable (read once): ~50-150 ns per hash while exact (a set
+        update), a sketch's add_hashes after."""
+        hll = self._hll
+        if hll is not None:
+            hll.add_hashes(hashes)
+            return
+        exact = self._exact
+        assert exact is not None
+        limit = self._limit
+        if isinstance(hashes, list | tuple) and len(hashes) <= _CHUNK:
+            exact.update(hashes)
+            if len(exact) > limit:
+                self._switch()
+            return
+        it = iter(hashes)
+        while True:
+            chunk = list(islice(it, max(limit + 1 - len(exact), _CHUNK)))
+            if not chunk:
+                return
+            exact.update(chunk)
+            if len(exact) > limit:
+                hll = self._switch()
+                hll.add_hashes(it)
+                return
+
+    def count(self) -> int:
+        """Distinct hashes added: exact while is_exact, else the sketch's estimate, rounded."""
+        if self._hll is None:
+            assert self._exact is not None
+            return len(self._exact)
+        return round(self._hll.count())
+
+    def merge(self, other: CardinalityTracker) -> None:
+        """Make this tracker count the union of both. Raises ValueError if precisions differ."""
+        if other._p != self._p:
+            raise ValueError(f"cannot merge precision {other._p} into precision {self._p}")
+        if other._hll is None:
+            assert other._exact is not None
+            self.add_hashes(other._exact)
+            return
+        hll = self._hll if self._hll is not None else self._switch()
+        hll.merge(other._hll)
+
+    def copy(self) -> CardinalityTracker:
+        new = CardinalityTracker(self._limit, self._p)
+        if self._hll is None:
+            assert self._exact is not None
+            new._exact = self._exact.copy()
+        else:
+            new._exact = None
+            new._hll = self._hll.copy()
+        return new
+
+    def memory_bytes(self) -> int:
+        """An estimate of the bytes this tracker holds: the set and its ints while exact (an
+        int counted as 40 bytes, which errs ~1 % high), the sketch after."""
+        own = sys.getsizeof(self)
+        if self._hll is None:
+            assert self._exact is not None
+            return own + sys.getsizeof(self._exact) + len(self._exact) * _INT_BYTES
+        return own + self._hll.memory_bytes()
+
+    def _switch(self) -> HyperLogLog:
+        assert self._exact is not None
+        hll = HyperLogLog(self._p)
+        hll.add_hashes(self._exact)
+        self._exact = None
+        self._hll = hll
+        return hll
+
+    def __repr__(self) -> str:
+        mode = "exact" if self._hll is None else f"hll p={self._p}"
+        return f"CardinalityTracker({mode}, count={self.count()}, limit={self._limit})"
+
+
+@attrs.frozen
+class WindowStats:
+    """A look at a WindowedTracker: its count and the windows it comes from."""
+
+    count: int  # distinct series in the previous and current windows together
+    current: int
+    previous: int
+    window_start_s: float | None  # start of the current window (None before the first roll)
+    exact: bool  # both windows still count exactly (so `count` is exact)
+    memory_bytes: int
+
+
+class WindowedTracker:
+    """Distinct series seen in the current or the previous window: Prometheus' "active series"
+    notion (seen lately), with series that stop sending dropping out of the count.
+
+    Windows are aligned to multiples of `window_s` on the caller's clock (every replica rolls
+    at the same instants). roll(now_s) moves to the window `now_s` falls in: the current window
+    becomes the previous one, and a new empty one starts (both start empty when a whole window
+    passed without a roll). So a series counts until the end of the window after the one that
+    last saw it: between `window_s` and 2 x `window_s` after its last sample.
+
+    count() is the size of the union of both windows, not the larger of the two: when series
+    churn (pods replaced within a window), both generations are live in the backend, and the
+    union says so; the larger of the two would count half of them.
+    """
+
+    __slots__ = ("_count", "_current", "_index", "_limit", "_p", "_previous", "_window_s")
+
+    def __init__(
+        self,
+        window_s: float = 60.0,
+        exact_limit: int = DEFAULT_EXACT_LIMIT,
+        precision: int = DEFAULT_PRECISION,
+    ) -> None:
+        if not window_s > 0:
+            raise ValueError(f"window_s must be > 0, got {window_s}")
+        self._window_s = window_s
+        self._limit = exact_limit
+        self._p = precision
+        self._current = CardinalityTracker(exact_limit, precision)
+        self._previous = CardinalityTracker(exact_limit, precision)
+        self._index: int | None = None  # which window is current: floor(now_s / window_s)
+        self._count: int | None = 0  # count(), until the next add or roll
+
+    @property
+    def window_s(self) -> float:
+        return self._window_s
+
+    def roll(self, now_s: float) -> bool:
+        """Move to the window `now_s` (clock seconds) falls in; True if the windows moved. Call
+        it before adding each batch. The first call only sets the window (what was added before
+        belongs to it); a clock that went back does not roll."""
+        index = math.floor(now_s / self._window_s)
+        current = self._index
+        if current is None:
+            self._index = index
+            return False
+        if index <= current:
+            return False
+        if index == current + 1:
+            self._previous = self._current
+        else:
+            self._previous = CardinalityTracker(self._limit, self._p)
+        self._current = CardinalityTracker(self._limit, self._p)
+        self._index = index
+        self._count = None
+        return True
+
+    def add_hash(self, h: int) -> None:
+        self._current.add_hash(h)
+        self._count = None
+
+    def add_hashes(self, hashes: Iterable[int]) -> None:
+        """Add hashes to the current window (see CardinalityTracker.add_hashes)."""
+        self._current.add_hashes(hashes)
+        self._count = None
+
+    def count(self) -> int:
+        """Distinct series in the previous and current windows together. Cached until the next
+        add or roll; otherwise O(set size) while both windows are exact, ~0.3 ms with sketches."""
+        if self._count is None:
+            self._count = _union_count(self._current, self._previous)
+        return self._count
+
+    def memory_bytes(self) -> int:
+        return self._current.memory_bytes() + self._previous.memory_bytes()
+
+    def statistics(self) -> WindowStats:
+        index = self._index
+        return WindowStats(
+            count=self.count(),
+            current=self._current.count(),
+            previous=self._previous.count(),
+            window_start_s=None if index is None else index * self._window_s,
+            exact=self._current.is_exact and self._previous.is_exact,
+            memory_bytes=self.memory_bytes(),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"WindowedTracker(window_s={self._window_s}, count={self.count()}, "
+            f"current={self._current.count()}, previous={self._previous.count()})"
+        )
+
+
+def _union_count(a: CardinalityTracker, b: CardinalityTracker) -> int:
+    if a._exact is not None and b._exact is not None:
+        return len(a._exact) + len(b._exact) - len(a._exact & b._exact)
+    if b._hll is not None:
+        a, b = b, a  # copy the one with a sketch: cheaper than switching the other one
+    union = a.copy()
+    union.merge(b)
+    return union.count()
+
+
+def top_k(counts: Mapping[str, float], k: int) -> list[tuple[str, float]]:
+    """The `k` entries with the largest counts, largest first; equal counts by name. For
+    bounding a label set (e.g. series per metric on /metrics) to k values. O(n log k)."""
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    return heapq.nsmallest(k, counts.items(), key=lambda item: (-item[1], item[0]))
