@@ -199,6 +199,22 @@ class DownsampleState:
         return [Emitted(w.name, w.labels, w.kind, pts, w.origin)]
 
 
+class _HashOnce:
+    """A hashable value whose hash is computed once."""
+
+    __slots__ = ("_hash", "parts")
+
+    def __init__(self, parts: Hashable) -> None:
+        self.parts = parts
+        self._hash = hash(parts)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (isinstance(other, _HashOnce) and self.parts == other.parts)
+
+
 # Series whose group (kept labels) an aggregate remembers; past it the memory starts again.
 _GROUP_CACHE_MAX = 200_000
 
@@ -262,7 +278,9 @@ class AggregateState:
         grouped = self._groups.get(series_key) if origin is None else None
         if grouped is None:
             glabels = self.group_labels(labels)
-            grouped = (glabels, (name, tuple(sorted(glabels.items())), _origin_key(origin)))
+            # A group key that hashes once (see engine.SeriesKey): looked up per datapoint.
+            gkey_parts = (name, tuple(sorted(glabels.items())), _origin_key(origin))
+            grouped = (glabels, _HashOnce(gkey_parts))
             if origin is None:
                 if len(self._groups) >= _GROUP_CACHE_MAX:
                     self._groups.clear()
