@@ -119,9 +119,9 @@ class RuleEngine:
         self.ruleset = ruleset
         self.rules = ruleset.rules
         self._plans: dict[str, tuple[int, ...]] = {}
-        # Per distinct series (its serialized labels), its Route: filled by the remote-write
-        # adapter, emptied when the rules change and when it reaches route_cache_max.
-        self.route_cache: dict[bytes, Any] = {}
+        # Per distinct series (a hash of its serialized labels), its route: filled by the
+        # remote-write adapter, emptied when the rules change and when it reaches route_cache_max.
+        self.route_cache: dict[int, Any] = {}
         self.route_paths: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         states: dict[str, Any] = {}
         heads: dict[str, dict[Any, int]] = {}

@@ -23,6 +23,7 @@ from service._proto.prometheus.types_pb2 import Label, Sample, TimeSeries
 from service.codec import prw as prw_codec
 from service.codec.compression import varint
 from service.codec.errors import BadProtobuf
+from service.governance.cardinality import hash_many
 from service.governance.engine import PASS_ROUTE, RuleEngine, SeriesKey
 from service.governance.rules import Rule
 from service.governance.windows import Emitted
@@ -157,14 +158,17 @@ def _govern_cached(engine: RuleEngine, data: bytes, counts: prw_codec.Counts) ->
     view = LabelsOnlyRequest.FromString(data)
     view.DiscardUnknownFields()
     keys = list(SeriesBytes.FromString(view.SerializeToString()).timeseries)
+    # Keyed by a 64-bit hash of the labels, not the labels: a fraction of the memory per
+    # series, and a collision needs ~4 billion series in the cache at once to become likely.
+    ids = hash_many(keys)
     cache = engine.route_cache
-    cached = list(map(cache.get, keys))
+    cached = list(map(cache.get, ids))
     if None in cached:
         for i, c in enumerate(cached):
             if c is None:
                 if len(cache) >= engine.route_cache_max:
                     cache.clear()
-                cached[i] = cache[keys[i]] = _route(engine, keys[i])
+                cached[i] = cache[ids[i]] = _route(engine, keys[i])
     n = len(cached)
     if cached.count(_PASS) == n:
         return Governed(None, n, n, n, 0, 0, n, 0)
