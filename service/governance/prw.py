@@ -8,6 +8,7 @@ lookup for the rest); a request that no rule changed is forwarded as the client 
 from __future__ import annotations
 
 import collections
+import operator
 
 import attrs
 from google.protobuf.message import DecodeError as _PBDecodeError
@@ -236,10 +237,13 @@ def _govern_cached(engine: RuleEngine, data: bytes, counts: prw_codec.Counts) ->
     return Governed(new, kept, kept, kept, 0, n - kept, n, 0)
 
 
+_PATH_OF = operator.attrgetter("path")
+
+
 def _count_routes(engine: RuleEngine, cached: list[_Cached], now_s: float) -> None:
     """Per-rule counts of one request, per distinct path through the rules, not per series."""
     stats = engine.stats
-    for path, count in collections.Counter(c.path for c in cached).items():
+    for path, count in collections.Counter(map(_PATH_OF, cached)).items():
         if path is None:
             continue
         transforms, t, hash_keep = path.transforms, path.terminal, path.hash_keep
