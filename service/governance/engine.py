@@ -157,6 +157,10 @@ class RuleEngine:
         emitted at the next flush."""
         self._apply(ruleset)
 
+    def state_of(self, rule_name: str) -> Any:
+        """The window state (DownsampleState or AggregateState) of a windowed rule."""
+        return self._states[rule_name]
+
     def head_counts(self, rule_name: str) -> dict[Any, int]:
         """Per series, where a head-sampling rule is in its count."""
         return self._heads[rule_name]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import operator
+from typing import Any
 
 import attrs
 from google.protobuf.message import DecodeError as _PBDecodeError
@@ -86,6 +87,9 @@ class _Dynamic:
     key: SeriesKey | None
     labels: dict[str, str]  # after the rules (`__name__` aside)
     wire: bytes  # the series' labels as serialized after the rules (window outputs reuse them)
+    state: Any = None  # a windowed rule's state (a reload empties the cache, so it stays right)
+    counter: bool = False  # aggregate: the series is a counter
+    grouped: Any = None  # aggregate: (kept labels, group key)
 
 
 @attrs.frozen(eq=False, slots=True)
@@ -144,6 +148,14 @@ def _route(engine: RuleEngine, key: bytes) -> _Cached:
         disposition = DROP
     else:
         dynamic = _Dynamic(t, route.name, route.kind, route.key, final, relabeled or key)
+        if t.action in ("downsample", "aggregate"):
+            state = engine.state_of(t.name)
+            counter = t.action == "aggregate" and (
+                t.settings.input_kind == "counter"
+                or (t.settings.input_kind == "auto" and route.kind == "counter")
+            )
+            grouped = state.group_of(route.name, final) if t.action == "aggregate" else None
+            dynamic = attrs.evolve(dynamic, state=state, counter=counter, grouped=grouped)
         return _Cached(DYNAMIC, path, relabeled, dynamic)
     if disposition == RELABEL:
         return _Cached(RELABEL, path, relabeled)
@@ -212,24 +224,36 @@ def _govern_cached(engine: RuleEngine, data: bytes, counts: prw_codec.Counts) ->
         # One sample per series: merging the windowed series lines their samples up with them.
         joined = SeriesBytes(timeseries=[full[i] for i in windowed]).SerializeToString()
         samples = MergedWriteRequest.FromString(joined).timeseries.samples
-        stats = engine.stats
+        late_before: dict[str, tuple[Any, int]] = {}
         for i, sample in zip(windowed, samples):
             dyn = cached[i].dynamic
-            assert dyn is not None and dyn.key is not None
+            assert dyn is not None
             t = dyn.terminal
-            engine.absorb(
-                t,
-                stats[t.name],
-                dyn.key,
-                dyn.name,
-                dyn.labels,
-                dyn.kind,
-                # downsample outputs carry the series' serialized labels (encode reuses them);
-                # aggregate groups are built from labels, and take no origin on this pipeline
-                dyn.wire if t.action == "downsample" else None,
-                [(sample.timestamp, sample.value)],
-                now_ms,
-            )
+            state = dyn.state
+            if t.name not in late_before:
+                late_before[t.name] = (state, state.late)
+            if dyn.grouped is None:  # downsample: outputs reuse the serialized labels
+                state.add_one(
+                    dyn.key,
+                    dyn.name,
+                    dyn.labels,
+                    dyn.kind,
+                    dyn.wire,
+                    sample.timestamp,
+                    sample.value,
+                )
+            else:
+                state.add_one(
+                    dyn.key,
+                    dyn.name,
+                    dyn.grouped,
+                    dyn.counter,
+                    sample.timestamp,
+                    sample.value,
+                    now_ms,
+                )
+        for rule_name, (state, late) in late_before.items():
+            engine.stats[rule_name].dropped += state.late - late  # windows already emitted
     kept = len(out)
     if kept == n and not relabeled_any:
         return Governed(None, n, n, n, 0, 0, n, 0)  # all went on as they came (keep_input ...)

@@ -164,6 +164,43 @@ class DownsampleState:
                 w.points.append((ts, value))
         return []
 
+    def add_one(
+        self,
+        key: Hashable,
+        name: str,
+        labels: dict[str, str],
+        kind: str,
+        origin: Any,
+        ts: int,
+        value: float,
+    ) -> None:
+        """`add` for a single point, without building a list (the cached remote-write path)."""
+        if value != value:
+            return
+        interval = self.interval_ms
+        start = ts - ts % interval
+        if start + interval <= self._flushed_to:
+            self.late += 1
+            return
+        bucket = self._windows.get(start)
+        if bucket is None:
+            bucket = self._windows[start] = {}
+        w = bucket.get(key)
+        if w is None:
+            w = bucket[key] = _SeriesWindow(name, labels, kind, origin, start)
+        w.count += 1
+        w.total += value
+        if value < w.low:
+            w.low = value
+        if value > w.high:
+            w.high = value
+        if w.first is None or ts < w.first[0]:
+            w.first = (ts, value)
+        if w.last is None or ts >= w.last[0]:
+            w.last = (ts, value)
+        if self.cfg.method in ("lttb", "swinging_door"):
+            w.points.append((ts, value))
+
     def due(self, now_ms: int, *, force: bool = False) -> list[Emitted]:
         """Emit every window that ended `lateness_ms` ago (all of them with `force`)."""
         out: list[Emitted] = []
@@ -277,10 +314,7 @@ class AggregateState:
     ) -> None:
         grouped = self._groups.get(series_key) if origin is None else None
         if grouped is None:
-            glabels = self.group_labels(labels)
-            # A group key that hashes once (see engine.SeriesKey): looked up per datapoint.
-            gkey_parts = (name, tuple(sorted(glabels.items())), _origin_key(origin))
-            grouped = (glabels, _HashOnce(gkey_parts))
+            grouped = self.group_of(name, labels, origin)
             if origin is None:
                 if len(self._groups) >= _GROUP_CACHE_MAX:
                     self._groups.clear()
@@ -314,6 +348,56 @@ class AggregateState:
                 g.last = (ts, value)
             if self._quantiles:
                 g.values.append(value)
+
+    def group_of(
+        self, name: str, labels: dict[str, str], origin: Any = None
+    ) -> tuple[dict[str, str], Hashable]:
+        """A series' group: the labels it keeps, and a key that hashes once (looked up per
+        datapoint)."""
+        glabels = self.group_labels(labels)
+        return glabels, _HashOnce((name, tuple(sorted(glabels.items())), _origin_key(origin)))
+
+    def add_one(
+        self,
+        series_key: Hashable,
+        name: str,
+        grouped: tuple[dict[str, str], Hashable],
+        counter: bool,
+        ts: int,
+        value: float,
+        now_ms: int,
+    ) -> None:
+        """`add` for one point of a series whose group is known (the cached remote-write path;
+        no origin on that pipeline)."""
+        if value != value:
+            return
+        start = ts - ts % self.interval_ms
+        if start < self._flushed_to:
+            self.late += 1
+            return
+        glabels, gkey = grouped
+        groups = self._windows.get(start)
+        if groups is None:
+            groups = self._windows[start] = {}
+        g = groups.get(gkey)
+        if g is None:
+            g = groups[gkey] = _Group(name, glabels, None, counter=counter)
+        if counter:
+            prev = self._last_value.get(series_key)
+            if prev is not None:
+                g.increase += value - prev[0] if value >= prev[0] else value
+            self._last_value[series_key] = (value, now_ms)
+        g.count += 1
+        g.total += value
+        g.squares += value * value
+        if value < g.low:
+            g.low = value
+        if value > g.high:
+            g.high = value
+        if g.last is None or ts >= g.last[0]:
+            g.last = (ts, value)
+        if self._quantiles:
+            g.values.append(value)
 
     def due(self, now_ms: int, *, force: bool = False) -> list[Emitted]:
         """Emit every window that ended `lateness_ms` ago (all with `force`); forget counter
