@@ -8,6 +8,7 @@ lookup for the rest); a request that no rule changed is forwarded as the client 
 from __future__ import annotations
 
 import collections
+import itertools
 import operator
 from typing import Any
 
@@ -189,27 +190,29 @@ def _govern_cached(engine: RuleEngine, data: bytes, counts: prw_codec.Counts) ->
     full = list(src.timeseries)
     now_ms = engine.clock_ms()
     _count_routes(engine, cached, now_ms / 1000)
-    out: list[bytes] = []
+    # Series are sorted by what happens to them with C-level list operations; only relabeled
+    # and per-request (sampled, windowed) series take a Python step each. The output is kept
+    # series first, then the others (a WriteRequest's series order carries no meaning).
+    disposition = list(map(_DISPOSITION_OF, cached))
+    out = list(itertools.compress(full, map(KEEP.__eq__, disposition)))
     append = out.append
-    windowed: list[int] = []
     relabeled_any = False
-    for i, c in enumerate(cached):
-        d = c.disposition
-        if d == KEEP:
-            append(full[i])
-            continue
-        if d == DROP:
-            continue
+    for i in itertools.compress(range(n), map(RELABEL.__eq__, disposition)):
+        series, key = full[i], keys[i]
+        if not series.startswith(key):
+            return None  # labels not first: cannot splice; evaluate each series instead
+        append(cached[i].relabeled + series[len(key) :])
+        relabeled_any = True
+    windowed: list[int] = []
+    for i in itertools.compress(range(n), map(DYNAMIC.__eq__, disposition)):
+        c = cached[i]
         series = full[i]
         if c.relabeled is not None:
             key = keys[i]
             if not series.startswith(key):
-                return None  # labels not first: cannot splice; evaluate each series instead
+                return None
             series = c.relabeled + series[len(key) :]
             relabeled_any = True
-        if d == RELABEL:
-            append(series)
-            continue
         dyn = c.dynamic
         assert dyn is not None
         t = dyn.terminal
@@ -262,6 +265,7 @@ def _govern_cached(engine: RuleEngine, data: bytes, counts: prw_codec.Counts) ->
 
 
 _PATH_OF = operator.attrgetter("path")
+_DISPOSITION_OF = operator.attrgetter("disposition")
 
 
 def _count_routes(engine: RuleEngine, cached: list[_Cached], now_s: float) -> None:
