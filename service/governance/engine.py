@@ -514,8 +514,8 @@ def _transform(ops: tuple[Op, ...], labels: dict[str, str], name: str) -> str:
         elif kind == "rename_metric":
             assert op.value is not None
             name = op.value.render(labels, name) or name
-        for k in [k for k, v in labels.items() if v == ""]:
-            del labels[k]  # an empty value is no label (Prometheus semantics)
+        if op.label and labels.get(op.label) == "":
+            del labels[op.label]  # an empty value is no label (Prometheus semantics)
     return name
 
 
