@@ -103,7 +103,9 @@ def write_request_to_exposition(req: WriteRequest) -> str:
 def run_prometheus(engine: RuleEngine, text: str) -> str:
     now_ms = int(time.time() * 1000)
     data = exposition_to_write_request(text, now_ms).SerializeToString()
-    governed = governance_prw.govern(engine, data)
+    # Series by series (not the cached path, which forwards kept series first): the output
+    # keeps the sample's order.
+    governed = governance_prw.govern_each(engine, data)
     out = WriteRequest.FromString(governed.data if governed.data is not None else data)
     emitted = engine.due(force=True)
     if emitted:

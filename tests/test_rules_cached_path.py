@@ -123,7 +123,7 @@ def test_cached_path_matches_per_series_evaluation(
         now_a[0] = now_b[0] = ts
         data = request(items, ts)
         cached = prw.govern(a, data)
-        each = prw._govern_each(b, data)
+        each = prw.govern_each(b, data)
         assert series_of(cached, data) == series_of(each, data)
         assert (cached.series, cached.datapoints, cached.removed, cached.in_samples) == (
             each.series,

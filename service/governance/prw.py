@@ -71,7 +71,7 @@ def govern(engine: RuleEngine, data: bytes) -> Governed:
         governed = _govern_cached(engine, data, counts)
         if governed is not None:
             return governed
-    return _govern_each(engine, data)
+    return govern_each(engine, data)
 
 
 # What the cached path does with a series, decided once per distinct series.
@@ -314,7 +314,7 @@ def _sample(engine: RuleEngine, t: Rule, key: SeriesKey | None) -> bool:
     return keep
 
 
-def _govern_each(engine: RuleEngine, data: bytes) -> Governed:
+def govern_each(engine: RuleEngine, data: bytes) -> Governed:
     """Every series evaluated on its own (native histograms, several samples per series)."""
     try:
         req = WriteRequest.FromString(data)

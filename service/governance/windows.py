@@ -135,33 +135,8 @@ class DownsampleState:
     ) -> list[Emitted]:
         """Absorb `points` of one series. A series' state lives only in its open windows: it is
         gone once they are emitted. Returns nothing today (kept for the engine's interface)."""
-        keep = self.cfg.method in ("lttb", "swinging_door")
-        interval = self.interval_ms
         for ts, value in points:
-            if value != value:  # NaN: a Prometheus staleness marker, not a value to fold in
-                continue
-            start = ts - ts % interval
-            if start + interval <= self._flushed_to:
-                self.late += 1
-                continue
-            bucket = self._windows.get(start)
-            if bucket is None:
-                bucket = self._windows[start] = {}
-            w = bucket.get(key)
-            if w is None:
-                w = bucket[key] = _SeriesWindow(name, labels, kind, origin, start)
-            w.count += 1
-            w.total += value
-            if value < w.low:
-                w.low = value
-            if value > w.high:
-                w.high = value
-            if w.first is None or ts < w.first[0]:
-                w.first = (ts, value)
-            if w.last is None or ts >= w.last[0]:
-                w.last = (ts, value)
-            if keep:
-                w.points.append((ts, value))
+            self.add_one(key, name, labels, kind, origin, ts, value)
         return []
 
     def add_one(
@@ -319,35 +294,8 @@ class AggregateState:
                 if len(self._groups) >= _GROUP_CACHE_MAX:
                     self._groups.clear()
                 self._groups[series_key] = grouped
-        glabels, gkey = grouped
         for ts, value in points:
-            if value != value:  # NaN: a Prometheus staleness marker, not a value to fold in
-                continue
-            start = ts - ts % self.interval_ms
-            if start < self._flushed_to:
-                self.late += 1
-                continue
-            groups = self._windows.setdefault(start, {})
-            g = groups.get(gkey)
-            if g is None:
-                g = groups[gkey] = _Group(name, glabels, origin, counter=counter)
-            elif origin is not None and g.origin is not None and origin != g.origin:
-                g.origin = _common_origin(g.origin, origin)
-            if counter:
-                prev = self._last_value.get(series_key)
-                if prev is not None:
-                    # A drop in value is a restart of the source: it counted up from 0 again.
-                    g.increase += value - prev[0] if value >= prev[0] else value
-                self._last_value[series_key] = (value, now_ms)
-            g.count += 1
-            g.total += value
-            g.squares += value * value
-            g.low = min(g.low, value)
-            g.high = max(g.high, value)
-            if g.last is None or ts >= g.last[0]:
-                g.last = (ts, value)
-            if self._quantiles:
-                g.values.append(value)
+            self.add_one(series_key, name, grouped, counter, ts, value, now_ms, origin)
 
     def group_of(
         self, name: str, labels: dict[str, str], origin: Any = None
@@ -366,9 +314,10 @@ class AggregateState:
         ts: int,
         value: float,
         now_ms: int,
+        origin: Any = None,
     ) -> None:
-        """`add` for one point of a series whose group is known (the cached remote-write path;
-        no origin on that pipeline)."""
+        """One point of a series whose group is known (`group_of`). A group fed from several
+        OTLP resources keeps the resource attributes they share."""
         if value != value:
             return
         start = ts - ts % self.interval_ms
@@ -381,10 +330,13 @@ class AggregateState:
             groups = self._windows[start] = {}
         g = groups.get(gkey)
         if g is None:
-            g = groups[gkey] = _Group(name, glabels, None, counter=counter)
+            g = groups[gkey] = _Group(name, glabels, origin, counter=counter)
+        elif origin is not None and g.origin is not None and origin != g.origin:
+            g.origin = _common_origin(g.origin, origin)
         if counter:
             prev = self._last_value.get(series_key)
             if prev is not None:
+                # A drop in value is a restart of the source: it counted up from 0 again.
                 g.increase += value - prev[0] if value >= prev[0] else value
             self._last_value[series_key] = (value, now_ms)
         g.count += 1
