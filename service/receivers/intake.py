@@ -17,6 +17,9 @@ from service.governance.engine import RuleEngine
 from service.pipeline.budget import ByteBudget
 from service.pipeline.items import Ingested
 from service.receivers.http import Rejected
+from service.telemetry import logs
+from service.telemetry.health import Health
+from service.telemetry.metrics import Metrics
 
 
 class Intake:
@@ -105,6 +108,49 @@ class Intake:
 
     def draining(self) -> Rejected:
         return Rejected(503, "draining", "shutting down; retry later", self._retry_after)
+
+
+class Receiver:
+    """What every receiver of a pipeline shares: its intake, authentication, health, and the
+    counting and logging of what it answers."""
+
+    pipeline = ""
+    logger = ""
+
+    def __init__(
+        self,
+        cfg: IngestConfig,
+        intake: Intake,
+        *,
+        metrics: Metrics,
+        health: Health,
+        log_interval_s: float = 10.0,
+    ) -> None:
+        self.cfg = cfg
+        self.intake = intake
+        self.health = health
+        self.auth = Authenticator(cfg.auth)
+        self._log = logs.RateLimited(logs.get(self.logger), log_interval_s)
+        self._received = metrics.datapoints_received.labels(self.pipeline)
+        self._rejected_points = metrics.datapoints_rejected
+        self._requests = metrics.requests
+        self._rejected = metrics.rejected
+
+    def count_refusal(self, r: Rejected, answer: str, client: str, **fields: object) -> None:
+        """Count a refused request under `answer` (its HTTP status or gRPC code name) and its
+        reason; log it (rate limited) unless it is backpressure or draining, which are normal
+        under load and during a restart."""
+        self._requests.labels(self.pipeline, answer).inc()
+        self._rejected.labels(self.pipeline, r.reason).inc()
+        if r.status != 429 and r.status != 503:
+            self._log.warning(
+                r.reason,
+                "rejected request",
+                reason=r.reason,
+                **fields,
+                detail=str(r),
+                client=client,
+            )
 
 
 class Authenticator:

@@ -26,8 +26,7 @@ from service.config import OTLPReceiverConfig, parse_listen
 from service.governance import otlp as governance
 from service.pipeline.items import Ingested
 from service.receivers.http import GRPC_CODE, Rejected, rejection
-from service.receivers.intake import Authenticator, Intake
-from service.telemetry import logs
+from service.receivers.intake import Intake, Receiver
 from service.telemetry.health import Health
 from service.telemetry.metrics import Metrics
 
@@ -35,8 +34,11 @@ PIPELINE = "otlp"
 _DETAILS_KEY = "grpc-status-details-bin"  # where google.rpc.Status travels (gRPC richer errors)
 
 
-class OTLPGRPCReceiver:
+class OTLPGRPCReceiver(Receiver):
     """Serves MetricsService/Export; `serve()` runs the server until its trigger returns."""
+
+    pipeline = PIPELINE
+    logger = "receiver.otlp_grpc"
 
     def __init__(
         self,
@@ -47,15 +49,9 @@ class OTLPGRPCReceiver:
         health: Health,
         log_interval_s: float = 10.0,
     ) -> None:
-        self.cfg = cfg
-        self.intake = intake
-        self.health = health
-        self.auth = Authenticator(cfg.auth)
-        self._log = logs.RateLimited(logs.get("receiver.otlp_grpc"), log_interval_s)
-        self._received = metrics.datapoints_received.labels(PIPELINE)
-        self._rejected_points = metrics.datapoints_rejected.labels(PIPELINE, "unnamed_metric")
-        self._requests = metrics.requests
-        self._rejected = metrics.rejected
+        super().__init__(cfg, intake, metrics=metrics, health=health, log_interval_s=log_interval_s)
+        self.cfg: OTLPReceiverConfig = cfg
+        self._unnamed = metrics.datapoints_rejected.labels(PIPELINE, "unnamed_metric")
         self._ok = metrics.requests.labels(PIPELINE, "OK")
         self._token: trio.lowlevel.TrioToken | None = None
         self._retry_details = _retry_info(cfg.retry_after_s)
@@ -111,7 +107,7 @@ class OTLPGRPCReceiver:
             self._refuse(self.intake.draining(), context)
         self._ok.inc()
         if admitted.rejected:
-            self._rejected_points.inc(admitted.rejected)
+            self._unnamed.inc(admitted.rejected)
         return otlp.response(admitted.rejected, admitted.message)
 
     def _admit(self, request: bytes, context: grpc.ServicerContext) -> otlp.Admitted:
@@ -142,22 +138,12 @@ class OTLPGRPCReceiver:
 
     def _refuse(self, r: Rejected, context: grpc.ServicerContext) -> None:
         code = GRPC_CODE.get(r.status, grpc.StatusCode.INTERNAL)
-        self._requests.labels(PIPELINE, code.name).inc()
-        self._rejected.labels(PIPELINE, r.reason).inc()
+        self.count_refusal(r, code.name, context.peer(), code=code.name)
         if r.status == 429:
             # RetryInfo tells clients that understand it (the OTel SDKs and Collector) that
             # retrying helps, and when.
             status = Status(code=code.value[0], message=str(r), details=[self._retry_details])
             context.set_trailing_metadata(((_DETAILS_KEY, status.SerializeToString()),))
-        elif r.status != 503:
-            self._log.warning(
-                r.reason,
-                "rejected request",
-                reason=r.reason,
-                code=code.name,
-                detail=str(r),
-                client=context.peer(),
-            )
         context.abort(code, str(r))
 
 

@@ -28,9 +28,8 @@ from service.receivers.http import (
     rejection,
     respond,
 )
-from service.receivers.intake import Authenticator, Intake
+from service.receivers.intake import Intake, Receiver
 from service.receivers.prw import client_address
-from service.telemetry import logs
 from service.telemetry.health import Health
 from service.telemetry.metrics import Metrics
 
@@ -39,8 +38,11 @@ PIPELINE = "otlp"
 _TYPES = {otlp.PROTOBUF: False, otlp.JSON: True}  # media type -> is JSON
 
 
-class OTLPHTTPReceiver:
+class OTLPHTTPReceiver(Receiver):
     """ASGI app for OTLP/HTTP metrics."""
+
+    pipeline = PIPELINE
+    logger = "receiver.otlp_http"
 
     def __init__(
         self,
@@ -51,15 +53,7 @@ class OTLPHTTPReceiver:
         health: Health,
         log_interval_s: float = 10.0,
     ) -> None:
-        self.cfg = cfg
-        self.intake = intake
-        self.health = health
-        self.auth = Authenticator(cfg.auth)
-        self._log = logs.RateLimited(logs.get("receiver.otlp_http"), log_interval_s)
-        self._received = metrics.datapoints_received.labels(PIPELINE)
-        self._rejected_points = metrics.datapoints_rejected
-        self._requests = metrics.requests
-        self._rejected = metrics.rejected
+        super().__init__(cfg, intake, metrics=metrics, health=health, log_interval_s=log_interval_s)
         self._ok = metrics.requests.labels(PIPELINE, "200")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -73,17 +67,7 @@ class OTLPHTTPReceiver:
         try:
             admitted = await self._handle(scope, receive, media)
         except Rejected as r:
-            self._requests.labels(PIPELINE, str(r.status)).inc()
-            self._rejected.labels(PIPELINE, r.reason).inc()
-            if r.status != 429 and r.status != 503:
-                self._log.warning(
-                    r.reason,
-                    "rejected request",
-                    reason=r.reason,
-                    status=r.status,
-                    detail=str(r),
-                    client=client_address(scope),
-                )
+            self.count_refusal(r, str(r.status), client_address(scope), status=r.status)
             body, ctype = _status_body(r, media)
             await respond(send, r.status, body, ctype, headers=r.headers)
             return

@@ -25,8 +25,7 @@ from service.receivers.http import (
     rejection,
     respond,
 )
-from service.receivers.intake import Authenticator, Intake
-from service.telemetry import logs
+from service.receivers.intake import Intake, Receiver
 from service.telemetry.health import Health
 from service.telemetry.metrics import Metrics
 
@@ -35,8 +34,11 @@ PIPELINE = "prw"
 _ACCEPTED_TYPES = ("", "application/x-protobuf")
 
 
-class PRWReceiver:
+class PRWReceiver(Receiver):
     """ASGI app for remote write; hands `Ingested` items to the pipeline through `intake`."""
+
+    pipeline = PIPELINE
+    logger = "receiver.prw"
 
     def __init__(
         self,
@@ -47,14 +49,8 @@ class PRWReceiver:
         health: Health,
         log_interval_s: float = 10.0,
     ) -> None:
-        self.cfg = cfg
-        self.intake = intake
-        self.health = health
-        self.auth = Authenticator(cfg.auth)
-        self._log = logs.RateLimited(logs.get("receiver.prw"), log_interval_s)
-        self._received = metrics.datapoints_received.labels(PIPELINE)
-        self._requests = metrics.requests
-        self._rejected = metrics.rejected
+        super().__init__(cfg, intake, metrics=metrics, health=health, log_interval_s=log_interval_s)
+        self.cfg: ReceiverConfig = cfg
         self._ok = metrics.requests.labels(PIPELINE, "204")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -66,17 +62,7 @@ class PRWReceiver:
         try:
             written = await self._handle(scope, receive)
         except Rejected as r:
-            self._requests.labels(PIPELINE, str(r.status)).inc()
-            self._rejected.labels(PIPELINE, r.reason).inc()
-            if r.status != 429 and r.status != 503:
-                self._log.warning(
-                    r.reason,
-                    "rejected request",
-                    reason=r.reason,
-                    status=r.status,
-                    detail=str(r),
-                    client=client_address(scope),
-                )
+            self.count_refusal(r, str(r.status), client_address(scope), status=r.status)
             await respond(send, r.status, (str(r) + "\n").encode(), headers=r.headers)
             return
         self._ok.inc()
