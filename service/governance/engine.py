@@ -108,7 +108,6 @@ class RuleEngine:
         self.stats: dict[str, RuleStats] = {}
         self._states: dict[str, Any] = {}
         self._heads: dict[str, dict[Any, int]] = {}
-        self._pending: list[Emitted] = []  # windows closed by a series moving on to the next
         self._apply(ruleset)
 
     # ---- rules -------------------------------------------------------------------------------
@@ -393,10 +392,7 @@ class RuleEngine:
         late = state.late
         if rule.action == "downsample":
             # `labels` is never changed after this (a route's, or built for this series).
-            closed = state.add(key, name, labels, kind, origin, points, now)
-            if closed:
-                st.output += sum(len(e.points) for e in closed)
-                self._pending.extend(closed)
+            state.add(key, name, labels, kind, origin, points, now)
         else:
             agg: Aggregate = rule.settings
             counter = agg.input_kind == "counter" or (
@@ -411,7 +407,7 @@ class RuleEngine:
         """Windows that are due (all of them with `force`), including those of rules that a
         reload removed or changed. Counts them as the rules' output."""
         now = self.clock_ms()
-        out, self._pending = self._pending, []
+        out: list[Emitted] = []
         for name, state in self._states.items():
             emitted = state.due(now, force=force)
             st = self.stats.get(name)

@@ -195,11 +195,8 @@ def _govern_metric(
         del copy_points[:]
         copy_points.extend(dps)
         renamed.append(copy)
-    kept = [type(dp)() for dp in keep_points]
-    for new, old in zip(kept, keep_points):
-        new.CopyFrom(old)
-    del points[:]
-    points.extend(kept)
+    del points[:]  # the removed points stay valid (upb detaches them) and are copied back
+    points.extend(keep_points)
     return removed, renamed
 
 

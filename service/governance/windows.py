@@ -132,12 +132,11 @@ class DownsampleState:
         origin: Any,
         points: Iterable[tuple[int, float]],
         now_ms: int,
-    ) -> list[Emitted]:
+    ) -> None:
         """Absorb `points` of one series. A series' state lives only in its open windows: it is
-        gone once they are emitted. Returns nothing today (kept for the engine's interface)."""
+        gone once they are emitted (by `due`)."""
         for ts, value in points:
             self.add_one(key, name, labels, kind, origin, ts, value)
-        return []
 
     def add_one(
         self,

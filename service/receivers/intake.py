@@ -8,7 +8,9 @@ backpressure (429 / RESOURCE_EXHAUSTED), a closed channel is draining (503 / UNA
 from __future__ import annotations
 
 import hmac
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
@@ -16,10 +18,12 @@ from service.config import IngestConfig, ReceiverAuthConfig
 from service.governance.engine import RuleEngine
 from service.pipeline.budget import ByteBudget
 from service.pipeline.items import Ingested
-from service.receivers.http import Rejected
+from service.receivers.http import Rejected, Scope, header
 from service.telemetry import logs
 from service.telemetry.health import Health
 from service.telemetry.metrics import Metrics
+
+T = TypeVar("T")
 
 
 class Intake:
@@ -131,10 +135,40 @@ class Receiver:
         self.health = health
         self.auth = Authenticator(cfg.auth)
         self._log = logs.RateLimited(logs.get(self.logger), log_interval_s)
-        self._received = metrics.datapoints_received.labels(self.pipeline)
+        self.received = metrics.datapoints_received.labels(self.pipeline)  # before rules
         self._rejected_points = metrics.datapoints_rejected
         self._requests = metrics.requests
         self._rejected = metrics.rejected
+
+    def check_request(self, scope: Scope, path: str) -> None:
+        """Refuse a request for another path (404), another method (405) or without a known
+        bearer token (401); the body is not read."""
+        if scope["path"] != path:
+            raise Rejected(404, "not_found", f"no such path {scope['path']!r}; use {path}")
+        if scope["method"] != "POST":
+            raise Rejected(405, "method_not_allowed", "use POST", headers=[(b"allow", b"POST")])
+        self.auth.check(header(scope, b"authorization"))
+
+    async def ingest_in_slot(
+        self, ingest: Callable[[float], Awaitable[tuple[T, trio.Event | None]]]
+    ) -> T:
+        """Run `ingest(deadline)` (read, decode, hand over) holding a processing slot, all
+        within one deadline; then, outside the slot, wait for the event it returns (disk and
+        hybrid queues: the answer waits until the request's batch is queued; a hard stop
+        cancels the wait, the client gets no answer and sends again). Refuses while draining."""
+        if self.health.draining:
+            raise self.intake.draining()
+        deadline = self.intake.deadline()
+        await self.intake.acquire_slot(deadline)
+        try:
+            result, done = await ingest(deadline)
+        finally:
+            # The slot bounds requests being read and decoded; once handed over, a request
+            # holds no memory of its own, so waiting for its batch must not hold a slot.
+            self.intake.release_slot()
+        if done is not None:
+            await done.wait()
+        return result
 
     def count_refusal(self, r: Rejected, answer: str, client: str, **fields: object) -> None:
         """Count a refused request under `answer` (its HTTP status or gRPC code name) and its

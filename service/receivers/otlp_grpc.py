@@ -23,10 +23,9 @@ from google.rpc.status_pb2 import Status
 from service.codec import otlp
 from service.codec.errors import CodecError
 from service.config import OTLPReceiverConfig, parse_listen
-from service.governance import otlp as governance
-from service.pipeline.items import Ingested
 from service.receivers.http import GRPC_CODE, Rejected, rejection
 from service.receivers.intake import Intake, Receiver
+from service.receivers.otlp_http import hand_over
 from service.telemetry.health import Health
 from service.telemetry.metrics import Metrics
 
@@ -51,7 +50,6 @@ class OTLPGRPCReceiver(Receiver):
     ) -> None:
         super().__init__(cfg, intake, metrics=metrics, health=health, log_interval_s=log_interval_s)
         self.cfg: OTLPReceiverConfig = cfg
-        self._unnamed = metrics.datapoints_rejected.labels(PIPELINE, "unnamed_metric")
         self._ok = metrics.requests.labels(PIPELINE, "OK")
         self._token: trio.lowlevel.TrioToken | None = None
         self._retry_details = _retry_info(cfg.retry_after_s)
@@ -107,7 +105,7 @@ class OTLPGRPCReceiver(Receiver):
             self._refuse(self.intake.draining(), context)
         self._ok.inc()
         if admitted.rejected:
-            self._unnamed.inc(admitted.rejected)
+            self._rejected_points.labels(PIPELINE, "unnamed_metric").inc(admitted.rejected)
         return otlp.response(admitted.rejected, admitted.message)
 
     def _admit(self, request: bytes, context: grpc.ServicerContext) -> otlp.Admitted:
@@ -121,18 +119,7 @@ class OTLPGRPCReceiver(Receiver):
             raise rejection(e) from None
 
     async def _hand_over(self, admitted: otlp.Admitted) -> None:
-        received = admitted.datapoints
-        if self.intake.engine is not None:
-            admitted = governance.apply(self.intake.engine, admitted)
-        if not admitted.datapoints and not admitted.metrics:
-            self._received.inc(received)
-            return
-        done = self.intake.done_event()
-        item = Ingested(
-            admitted.data, len(admitted.data), admitted.metrics, admitted.datapoints, done
-        )
-        await self.intake.hand_over(item, self.intake.deadline())
-        self._received.inc(received)
+        _, done = await hand_over(self, admitted, self.intake.deadline())
         if done is not None:
             await done.wait()
 

@@ -79,29 +79,17 @@ class OTLPHTTPReceiver(Receiver):
         await respond(send, 200, body, (otlp.JSON if json_body else otlp.PROTOBUF).encode())
 
     async def _handle(self, scope: Scope, receive: Receive, media: str) -> otlp.Admitted | None:
-        if scope["path"] != PATH:
-            raise Rejected(404, "not_found", f"no such path {scope['path']!r}; use {PATH}")
-        if scope["method"] != "POST":
-            raise Rejected(405, "method_not_allowed", "use POST", headers=[(b"allow", b"POST")])
-        self.auth.check(header(scope, b"authorization"))
+        self.check_request(scope, PATH)
         if media not in _TYPES:
             raise Rejected(
                 415,
                 "unsupported_media_type",
                 f"content-type {media!r} is not {otlp.PROTOBUF} or {otlp.JSON}",
             )
-        if self.health.draining:
-            raise self.intake.draining()
-        deadline = self.intake.deadline()
-        await self.intake.acquire_slot(deadline)
-        try:
-            admitted, done = await self._ingest(scope, receive, _TYPES[media], deadline)
-        finally:
-            self.intake.release_slot()
-        if done is not None:
-            # Disk and hybrid queues: answer once the batch holding this request is queued.
-            await done.wait()
-        return admitted
+        json_body = _TYPES[media]
+        return await self.ingest_in_slot(
+            lambda deadline: self._ingest(scope, receive, json_body, deadline)
+        )
 
     async def _ingest(
         self, scope: Scope, receive: Receive, json_body: bool, deadline: float
@@ -115,19 +103,28 @@ class OTLPHTTPReceiver(Receiver):
             admitted = otlp.admit(data, json_body=json_body)
         except CodecError as e:
             raise rejection(e) from None
-        received = admitted.datapoints
-        if self.intake.engine is not None:
-            admitted = governance.apply(self.intake.engine, admitted)
-        if not admitted.datapoints and not admitted.metrics:
-            self._received.inc(received)
-            return admitted, None
-        done = self.intake.done_event()
+        return await hand_over(self, admitted, deadline)
+
+
+async def hand_over(
+    receiver: Receiver, admitted: otlp.Admitted, deadline: float
+) -> tuple[otlp.Admitted, trio.Event | None]:
+    """Run the pipeline's rules over a decoded OTLP request and hand what is left to its intake
+    (both OTLP receivers). Returns the request as forwarded and the event to wait for before
+    answering (None: answer now)."""
+    intake = receiver.intake
+    received = admitted.datapoints
+    if intake.engine is not None:
+        admitted = governance.apply(intake.engine, admitted)
+    done = None
+    if admitted.datapoints or admitted.metrics:
+        done = intake.done_event()
         item = Ingested(
             admitted.data, len(admitted.data), admitted.metrics, admitted.datapoints, done
         )
-        await self.intake.hand_over(item, deadline)
-        self._received.inc(received)
-        return admitted, done
+        await intake.hand_over(item, deadline)
+    receiver.received.inc(received)
+    return admitted, done
 
 
 def _status_body(r: Rejected, media: str) -> tuple[bytes, bytes]:

@@ -74,11 +74,7 @@ class PRWReceiver(Receiver):
         await respond(send, 204, headers=headers)
 
     async def _handle(self, scope: Scope, receive: Receive) -> prw.Counts | None:
-        if scope["path"] != PATH:
-            raise Rejected(404, "not_found", f"no such path {scope['path']!r}; use {PATH}")
-        if scope["method"] != "POST":
-            raise Rejected(405, "method_not_allowed", "use POST", headers=[(b"allow", b"POST")])
-        self.auth.check(header(scope, b"authorization"))
+        self.check_request(scope, PATH)
         ctype = header(scope, b"content-type")
         media, _, params = ctype.partition(";")
         if media.strip().lower() not in _ACCEPTED_TYPES or "proto=io.prometheus.write.v2" in params:
@@ -87,22 +83,7 @@ class PRWReceiver(Receiver):
                 "unsupported_media_type",
                 f"content-type {ctype!r} is not remote write 1.0 (application/x-protobuf)",
             )
-        if self.health.draining:
-            raise self.intake.draining()
-        # One deadline for every wait of this request: a slot, budget bytes, channel room.
-        deadline = self.intake.deadline()
-        await self.intake.acquire_slot(deadline)
-        try:
-            counts, done = await self._ingest(scope, receive, deadline)
-        finally:
-            # The slot bounds requests being read and decoded; once handed over, a request holds
-            # no memory of its own, so waiting for its batch below must not hold a slot.
-            self.intake.release_slot()
-        if done is not None:
-            # Answer only once the batch holding this request is in the (disk) queue. A hard stop
-            # cancels this wait: the client gets no answer and sends again (at least once).
-            await done.wait()
-        return counts
+        return await self.ingest_in_slot(lambda deadline: self._ingest(scope, receive, deadline))
 
     async def _ingest(
         self, scope: Scope, receive: Receive, deadline: float
@@ -122,7 +103,7 @@ class PRWReceiver(Receiver):
         except CodecError as e:
             raise rejection(e) from None
         if not counts.series:
-            self._received.inc(received.datapoints)
+            self.received.inc(received.datapoints)
             return received, None
         if governed is not None and governed.data is not None:
             data = governed.data  # the rules changed it: encode once
@@ -137,7 +118,7 @@ class PRWReceiver(Receiver):
         item = Ingested(block, len(data), counts.series, counts.datapoints, done)
         del body, data
         await self.intake.hand_over(item, deadline)
-        self._received.inc(received.datapoints)
+        self.received.inc(received.datapoints)
         return received, done
 
 
