@@ -44,6 +44,8 @@ _FLAGS: dict[str, tuple[str, type, str]] = {
         "/metrics, /live and /ready address (default :8888)",
     ),
     "--rules-file": ("rules.file", str, "rules file (YAML); reloaded on SIGHUP"),
+    "--limits-file": ("limits.file", str, "limits file (YAML); reloaded on SIGHUP"),
+    "--stats-level": ("stats.level", str, "none, basic or full"),
     "--log-level": ("log.level", str, "debug, info, warning or error"),
     "--log-format": ("log.format", str, "json or logfmt"),
     "--shutdown-grace": ("shutdown_grace_s", float, "seconds to drain on SIGTERM before dropping"),

@@ -32,9 +32,12 @@ from service.export.otlp import otlp_exporter
 from service.export.prw import PRWExporter
 from service.governance import otlp as governance_otlp
 from service.governance import prw as governance_prw
-from service.governance.activity import RuleCollector
-from service.governance.engine import RuleEngine
+from service.governance.activity import LimitCollector, RuleCollector, StatsCollector
+from service.governance.engine import RuleEngine, wall_clock_ms
+from service.governance.limits import LimitEngine, LimitsError, LimitSet, load_limits
 from service.governance.rules import RulesError, RuleSet, load_rules
+from service.governance.stage import Governance
+from service.governance.stats import Stats
 from service.governance.windows import Emitted
 from service.pipeline.batcher import Batcher
 from service.pipeline.budget import ByteBudget
@@ -86,6 +89,7 @@ class Pipeline:
     rx: trio.MemoryReceiveChannel[Ingested]  # the batcher's end
     rx_left: trio.MemoryReceiveChannel[Ingested]  # a clone, to count what a hard stop leaves
     engine: RuleEngine | None = None  # with a rules file
+    governance: Governance | None = None  # with rules, stats or limits
     engine_tx: trio.MemorySendChannel[Ingested] | None = None  # where its windows go
 
 
@@ -105,6 +109,7 @@ class App:
         self.exporters: list[Exporter] = []
         self.report: ShutdownReport | None = None
         self.ruleset: RuleSet | None = None
+        self.limitset: LimitSet | None = None
 
     @property
     def batcher(self) -> Batcher | None:
@@ -126,7 +131,7 @@ class App:
         async with trio.open_nursery() as root:
             tel = await root.start(
                 serve_http,
-                TelemetryApp(self.metrics, self.health),
+                TelemetryApp(self.metrics, self.health, self.cardinality),
                 hypercorn_config(cfg.telemetry.listen),
                 telemetry_done.wait,
             )
@@ -138,6 +143,12 @@ class App:
                 telemetry_done.set()
                 root.cancel_scope.cancel()
 
+    def cardinality(self, top: int) -> dict[str, Any]:
+        """The /api/v1/cardinality answer: each pipeline's stats report."""
+        reports = {g.pipeline: g.stats.report(top) for g in self.governance if g.stats is not None}
+        level = self.cfg.stats.level
+        return {"status": "success", "level": level, "top": top, "pipelines": reports}
+
     def _build(self) -> None:
         """Create each configured pipeline's queues (a disk queue recovers its directory here),
         exporters, batcher and intake. Runs before any nursery opens, so a QueueLockedError
@@ -145,6 +156,8 @@ class App:
         cfg = self.cfg
         if cfg.rules.file:
             self.ruleset = load_rules(Path(cfg.rules.file).read_text())  # RulesError stops it
+        if cfg.limits.file:
+            self.limitset = load_limits(Path(cfg.limits.file).read_text())  # so does LimitsError
         if cfg.prw.exporters:
             self._build_pipeline("prw", cfg.prw)
         if cfg.otlp.exporters:
@@ -152,6 +165,16 @@ class App:
         engines = [p.engine for p in self.pipelines if p.engine is not None]
         if engines:
             self.metrics.registry.register(RuleCollector(engines))
+        stats = [g.stats for g in self.governance if g.stats is not None]
+        if stats:
+            self.metrics.registry.register(StatsCollector(stats, cfg.stats.top_k))
+        limits = [g.limits for g in self.governance if g.limits is not None]
+        if limits:
+            self.metrics.registry.register(LimitCollector(limits, cfg.stats.top_k))
+
+    @property
+    def governance(self) -> list[Governance]:
+        return [p.governance for p in self.pipelines if p.governance is not None]
 
     def _build_pipeline(self, name: str, pcfg: PRWConfig | OTLPConfig) -> None:
         interval = self.cfg.log.rate_limit_interval_s
@@ -184,15 +207,34 @@ class App:
         tx, rx = trio.open_memory_channel[Ingested](pcfg.receiver.ingest_queue_requests)
         intake = Intake(pcfg.receiver, tx, budget, ack_after_queue=pcfg.queue.mode != "memory")
         pipeline = Pipeline(name, intake, batcher, exporters, rx, rx.clone())
+        cfg = self.cfg
         if self.ruleset is not None:
             pipeline.engine = RuleEngine(
                 self.ruleset,
                 pipeline=name,
                 clock_ms=self.clock_ms,
-                route_cache_max=self.cfg.rules.route_cache_series,
+                route_cache_max=cfg.rules.route_cache_series,
+            )
+        stats = Stats(cfg.stats, pipeline=name) if cfg.stats.level != "none" else None
+        limits = None
+        if self.limitset is not None:
+            limits = LimitEngine(
+                self.limitset,
+                pipeline=name,
+                exact_limit=cfg.stats.exact_limit,
+                force_dry_run=cfg.limits.dry_run,
+            )
+        if pipeline.engine is not None or stats is not None or limits is not None:
+            pipeline.governance = Governance(
+                pipeline=name,
+                engine=pipeline.engine,
+                stats=stats,
+                limits=limits,
+                clock_ms=self.clock_ms or wall_clock_ms,
+                series_cache=cfg.limits.series_cache,
             )
             pipeline.engine_tx = tx.clone()
-            intake.engine = pipeline.engine
+            intake.governance = pipeline.governance
         self.pipelines.append(pipeline)
         self.exporters += exporters
 
@@ -213,7 +255,7 @@ class App:
                     stop_engines = trio.Event()
                     for p in self.pipelines:
                         processing.start_soon(p.batcher.run, p.rx)
-                        if p.engine is not None:
+                        if p.governance is not None:
                             processing.start_soon(self._run_engine, p, stop_engines)
                     async with contextlib.AsyncExitStack() as channels:
                         for p in self.pipelines:
@@ -250,8 +292,9 @@ class App:
         self._report(clean=not pipeline_scope.cancelled_caught)
 
     async def _run_engine(self, p: Pipeline, stop: trio.Event) -> None:
-        """The pipeline's rule engine: emits windows as they fall due, all of them at `stop`."""
-        assert p.engine is not None and p.engine_tx is not None
+        """The pipeline's governance task: emits windows as they fall due, all of them at
+        `stop`."""
+        assert p.governance is not None and p.engine_tx is not None
         encode = governance_prw.encode if p.name == "prw" else governance_otlp.encode
         snappy = p.name == "prw"
 
@@ -261,7 +304,7 @@ class App:
             await p.intake.emit(p.engine_tx, Ingested(block, len(data), series, points))
 
         async with p.engine_tx:
-            await p.engine.run(emit, stop, tick_s=self.cfg.rules.tick_s)
+            await p.governance.run(emit, stop, tick_s=self.cfg.rules.tick_s)
 
     def reload_rules(self) -> bool:
         """Read the rules file again (SIGHUP). A valid file replaces the rules of every
@@ -291,6 +334,34 @@ class App:
                 p.engine.reload(ruleset)
         self.metrics.config_reloads.labels("success").inc()
         logs.log(log, logging.INFO, "rules reloaded", file=path, rules=len(ruleset.rules))
+        return True
+
+    def reload_limits(self) -> bool:
+        """Read the limits file again (SIGHUP), like reload_rules. Returns success."""
+        path = self.cfg.limits.file
+        if not path:
+            return True
+        try:
+            limitset = load_limits(Path(path).read_text())
+        except (OSError, LimitsError) as e:
+            problems = e.problems if isinstance(e, LimitsError) else [f"{path}: {e}"]
+            self.metrics.config_reloads.labels("failure").inc()
+            for problem in problems:
+                logs.log(log, logging.ERROR, "limits reload refused", file=path, problem=problem)
+            logs.log(
+                log,
+                logging.ERROR,
+                "limits reload failed; the old limits stay active",
+                file=path,
+                problems=len(problems),
+            )
+            return False
+        self.limitset = limitset
+        for g in self.governance:
+            if g.limits is not None:
+                g.limits.apply(limitset)
+        self.metrics.config_reloads.labels("success").inc()
+        logs.log(log, logging.INFO, "limits reloaded", file=path, limits=len(limitset.limits))
         return True
 
     async def _start_receivers(
@@ -328,6 +399,7 @@ class App:
                 name = signal.Signals(signum).name
                 if signum == signal.SIGHUP:
                     self.reload_rules()
+                    self.reload_limits()
                     continue
                 logs.log(log, logging.INFO, "signal received", signal=name)
                 self.shutdown()

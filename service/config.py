@@ -313,12 +313,49 @@ class RulesConfig:
 
 
 @attrs.frozen
+class StatsConfig:
+    # none: no stats. basic: datapoints per metric name. full: also active series per metric
+    # (cardinality), the top label values per metric, and datapoints and series per
+    # combination of `labels` (docs/limits.md).
+    level: Literal["none", "basic", "full"] = "none"
+    # full: the label combination that stats are kept for, e.g. [service, namespace].
+    labels: list[str] = attrs.field(factory=list)
+    # Series count as active in the window they were seen in and the one after (so series that
+    # stopped count down within two windows); datapoint counts are per window.
+    window_s: float = attrs.field(default=60.0, validator=_positive)
+    # /metrics exposes the top this-many metrics by series and by datapoints, so governor's own
+    # metrics stay bounded whatever the clients send.
+    top_k: int = attrs.field(default=20, validator=_positive)
+    # A tracker counts exactly up to this many series, then with a HyperLogLog (16 KiB, ~1 %).
+    exact_limit: int = attrs.field(default=1000, validator=_positive)
+    # Distinct metric names (and label combinations) tracked; past it the rest count under
+    # `__other__`.
+    max_metrics: int = attrs.field(default=10_000, validator=_positive)
+    # full: distinct values of one label kept per metric for the top-values report.
+    max_label_values: int = attrs.field(default=100, validator=_positive)
+
+
+@attrs.frozen
+class LimitsConfig:
+    # The limits file (YAML; docs/limits.md). Empty: no limits. Read at start and on SIGHUP; a
+    # bad file at start stops the start, on SIGHUP keeps the old limits.
+    file: str = ""
+    # Count and log everything as if enforced, drop nothing (overrides every rule's dry_run).
+    dry_run: bool = False
+    # Distinct series whose facts (name, labels, groups, admission) are remembered for stats
+    # and limits (~0.3 KB each); past it the memory starts again. Size it to the active series.
+    series_cache: int = attrs.field(default=1_000_000, validator=_positive)
+
+
+@attrs.frozen
 class Config:
     log: LogConfig = attrs.field(factory=LogConfig)
     telemetry: TelemetryConfig = attrs.field(factory=TelemetryConfig)
     prw: PRWConfig = attrs.field(factory=PRWConfig)
     otlp: OTLPConfig = attrs.field(factory=OTLPConfig)
     rules: RulesConfig = attrs.field(factory=RulesConfig)
+    stats: StatsConfig = attrs.field(factory=StatsConfig)
+    limits: LimitsConfig = attrs.field(factory=LimitsConfig)
     # Phase two of shutdown starts this long after SIGTERM: what is still queued is then dropped
     # (memory queue) and counted.
     shutdown_grace_s: float = attrs.field(default=30.0, validator=_positive)
@@ -344,6 +381,8 @@ def _cross_checks(cfg: Config) -> list[str]:
         problems += _ingest_checks(pcfg.receiver, f"{pipeline}.receiver")
     if cfg.rules.file and not os.access(cfg.rules.file, os.R_OK):
         problems.append(f"rules.file: cannot read {cfg.rules.file}")
+    if cfg.limits.file and not os.access(cfg.limits.file, os.R_OK):
+        problems.append(f"limits.file: cannot read {cfg.limits.file}")
     rc = cfg.otlp.receiver
     if cfg.otlp.exporters and not rc.grpc.listen and not rc.http.listen:
         problems.append("otlp.receiver: both grpc.listen and http.listen are empty")

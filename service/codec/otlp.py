@@ -65,6 +65,7 @@ class Admitted:
     metrics: int
     rejected: int = 0
     message: str = ""
+    limited: int = 0  # of `rejected`: refused by limits (service/governance/limits.py)
     request: ExportMetricsServiceRequest | None = attrs.field(default=None, eq=False, repr=False)
 
 
@@ -123,7 +124,7 @@ def admit(data: bytes, *, json_body: bool = False) -> Admitted:
         metrics,
         rejected,
         f"{rejected} datapoints of metrics without a name were rejected" if rejected else "",
-        req,
+        request=req,
     )
 
 

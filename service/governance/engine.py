@@ -103,7 +103,7 @@ class RuleEngine:
         `route_cache_max`: distinct series whose route is remembered (remote write)."""
         self.pipeline = pipeline
         self.route_cache_max = route_cache_max
-        self.clock_ms = clock_ms or _wall_clock_ms
+        self.clock_ms = clock_ms or wall_clock_ms
         self.rand = rand
         self.stats: dict[str, RuleStats] = {}
         self._states: dict[str, Any] = {}
@@ -571,7 +571,7 @@ def _hash_fraction(key: SeriesKey) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
-def _wall_clock_ms() -> int:
+def wall_clock_ms() -> int:
     import time
 
     return int(time.time() * 1000)

@@ -24,7 +24,7 @@ _QUANTILE_RE = re.compile(r"^quantile\((0(?:\.\d+)?|1(?:\.0+)?)\)$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _TEMPLATE_RE = re.compile(r"\$\{([^}]*)\}")
-_LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_.]*$")
+LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_.]*$")
 
 
 class RulesError(Exception):
@@ -243,7 +243,7 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
-class _Reader:
+class Reader:
     """Reads one mapping of the file, recording problems with their path instead of raising."""
 
     def __init__(self, data: Any, where: str, problems: list[str]) -> None:
@@ -330,11 +330,11 @@ class _Reader:
             self.fail(f"bad regex {value!r}: {e}", key)
             return None
 
-    def sub(self, key: str, *, required: bool = True) -> _Reader | None:
+    def sub(self, key: str, *, required: bool = True) -> Reader | None:
         v = self.get(key, required=required)
         if v is None:
             return None
-        return _Reader(v, f"{self.where}.{key}", self.problems)
+        return Reader(v, f"{self.where}.{key}", self.problems)
 
     def finish(self) -> None:
         for key in self.data:
@@ -345,7 +345,7 @@ class _Reader:
 _MATCHER_OPS = ("equals", "not_equals", "regex", "not_regex", "present", "absent")
 
 
-def _matchers(reader: _Reader, key: str) -> tuple[Matcher, ...]:
+def _matchers(reader: Reader, key: str) -> tuple[Matcher, ...]:
     v = reader.get(key)
     if v is None:
         return ()
@@ -354,7 +354,7 @@ def _matchers(reader: _Reader, key: str) -> tuple[Matcher, ...]:
         return ()
     out = []
     for i, item in enumerate(v):
-        r = _Reader(item, f"{reader.where}.{key}[{i}]", reader.problems)
+        r = Reader(item, f"{reader.where}.{key}[{i}]", reader.problems)
         label = r.text("label", required=True)
         ops = [op for op in _MATCHER_OPS if op in r.data]
         for op in ops:
@@ -378,7 +378,7 @@ def _matchers(reader: _Reader, key: str) -> tuple[Matcher, ...]:
     return tuple(out)
 
 
-def _match(reader: _Reader) -> Match:
+def read_match(reader: Reader) -> Match:
     m = reader.sub("match", required=False)
     if m is None:
         return Match(re.compile(".*"), ".*")
@@ -389,7 +389,7 @@ def _match(reader: _Reader) -> Match:
     return match
 
 
-def _sample(r: _Reader) -> Sample:
+def _sample(r: Reader) -> Sample:
     method = r.choice("method", ("probabilistic", "hash", "head"))
     if method == "head":
         n = r.integer("n", 1)
@@ -400,7 +400,7 @@ def _sample(r: _Reader) -> Sample:
     return Sample(method, rate=rate)
 
 
-def _downsample(r: _Reader) -> Downsample:
+def _downsample(r: Reader) -> Downsample:
     interval = r.duration("interval", required=True)
     method = r.choice("method", DOWNSAMPLE_METHODS)
     points = r.integer("points", 0, minimum=0) if method == "lttb" else 0
@@ -416,7 +416,7 @@ def _downsample(r: _Reader) -> Downsample:
     return Downsample(interval, method, points, deviation, staleness)
 
 
-def _aggregate(r: _Reader) -> Aggregate:
+def _aggregate(r: Reader) -> Aggregate:
     interval = r.duration("interval", required=True)
     by = r.strings("by")
     without = r.strings("without")
@@ -472,7 +472,7 @@ _OP_KEYS = {
 }
 
 
-def _op(r: _Reader) -> Op | None:
+def _op(r: Reader) -> Op | None:
     op = r.choice("op", tuple(_OP_KEYS))
     if not op:
         r.used.update(r.data)  # without a known op its other keys mean nothing
@@ -482,7 +482,7 @@ def _op(r: _Reader) -> Op | None:
     kwargs: dict[str, Any] = {"op": op, "when": when}
     if "label" in required:
         kwargs["label"] = r.text("label", required=True)
-        if kwargs["label"] and not _LABEL_NAME_RE.match(kwargs["label"]):
+        if kwargs["label"] and not LABEL_NAME_RE.match(kwargs["label"]):
             r.fail(f"{kwargs['label']!r} is not a label name", "label")
     if "source" in required:
         kwargs["source"] = r.text("source", required=True)
@@ -531,7 +531,7 @@ def _op(r: _Reader) -> Op | None:
 _GROUP_REF_RE = re.compile(r"\$(?:(\d+)|\{(\d+)\})")
 
 
-def _replacement(raw: str, groups: int, r: _Reader) -> str:
+def _replacement(raw: str, groups: int, r: Reader) -> str:
     """A replacement with `$1` / `${1}` group references as a re.sub template: backslashes
     are literal, references beyond the regex's groups are refused here, not at run time."""
     out = []
@@ -547,27 +547,27 @@ def _replacement(raw: str, groups: int, r: _Reader) -> str:
     return "".join(out)
 
 
-def _transform(reader: _Reader) -> tuple[Op, ...]:
+def _transform(reader: Reader) -> tuple[Op, ...]:
     v = reader.get("transform", required=True)
     if not isinstance(v, list) or not v:
         reader.fail("expected a non-empty list of operations", "transform")
         return ()
     ops = []
     for i, item in enumerate(v):
-        op = _op(_Reader(item, f"{reader.where}.transform[{i}]", reader.problems))
+        op = _op(Reader(item, f"{reader.where}.transform[{i}]", reader.problems))
         if op is not None:
             ops.append(op)
     return tuple(ops)
 
 
-def _classify(r: _Reader) -> Classify:
+def _classify(r: Reader) -> Classify:
     chains = []
     raw_chains = r.get("chains", [])
     if not isinstance(raw_chains, list):
         r.fail("expected a list", "chains")
         raw_chains = []
     for i, item in enumerate(raw_chains):
-        c = _Reader(item, f"{r.where}.chains[{i}]", r.problems)
+        c = Reader(item, f"{r.where}.chains[{i}]", r.problems)
         when = _matchers(c, "when")
         sets = c.get("set", required=True)
         if (
@@ -585,7 +585,7 @@ def _classify(r: _Reader) -> Classify:
         r.fail("expected a list", "tables")
         raw_tables = []
     for i, item in enumerate(raw_tables):
-        t = _Reader(item, f"{r.where}.tables[{i}]", r.problems)
+        t = Reader(item, f"{r.where}.tables[{i}]", r.problems)
         source = t.text("source", required=True)
         target = t.text("target", required=True)
         values = t.get("values", required=True)
@@ -609,16 +609,16 @@ def _classify(r: _Reader) -> Classify:
 def _rule(item: Any, i: int, problems: list[str], default_dead_after: float) -> Rule | None:
     name = item.get("name") if isinstance(item, Mapping) else None
     where = f"rules[{i}]" + (f" ({name})" if isinstance(name, str) and name else "")
-    r = _Reader(item, where, problems)
+    r = Reader(item, where, problems)
     before = len(problems)
     name = r.text("name", required=True)
     action = r.choice("action", ACTIONS)
     if not action:  # settings of any kind cannot be checked against an unknown action
         r.used.update(k for k in ("sample", "downsample", "aggregate", "transform", "classify"))
-    match = _match(r)
+    match = read_match(r)
     owner = r.get("labels", {})
     if not isinstance(owner, Mapping) or not all(
-        isinstance(k, str) and _LABEL_NAME_RE.match(k) and isinstance(v, str)
+        isinstance(k, str) and LABEL_NAME_RE.match(k) and isinstance(v, str)
         for k, v in owner.items()
     ):
         r.fail("expected a mapping of label names to strings", "labels")
@@ -656,7 +656,7 @@ def load_rules(text: str) -> RuleSet:
     except yaml.YAMLError as e:
         raise RulesError([f"<yaml>: {' '.join(str(e).split())}"]) from None
     problems: list[str] = []
-    top = _Reader(data if data is not None else {}, "<top>", problems)
+    top = Reader(data if data is not None else {}, "<top>", problems)
     dead_after = top.duration("dead_after", 3600.0)
     raw = top.get("rules", [])
     top.finish()

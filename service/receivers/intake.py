@@ -15,7 +15,7 @@ from typing import TypeVar
 import trio
 
 from service.config import IngestConfig, ReceiverAuthConfig
-from service.governance.engine import RuleEngine
+from service.governance.stage import Governance
 from service.pipeline.budget import ByteBudget
 from service.pipeline.items import Ingested
 from service.receivers.http import Rejected, Scope, header
@@ -43,9 +43,9 @@ class Intake:
         self.tx = tx
         self.budget = budget
         self.ack_after_queue = ack_after_queue
-        # The pipeline's rule engine (service/governance); receivers run it on each request
-        # before the hand-over, so the answer can say what was rejected.
-        self.engine: RuleEngine | None = None
+        # The pipeline's stats, limits and rules (service/governance/stage.py); receivers run
+        # them on each request before the hand-over, so the answer can say what was rejected.
+        self.governance: Governance | None = None
         self._slots = trio.Semaphore(cfg.max_concurrent_requests)
         self._retry_after = [(b"retry-after", str(cfg.retry_after_s).encode())]
 
@@ -215,3 +215,8 @@ class Authenticator:
                 "missing or unknown bearer token",
                 [(b"www-authenticate", b'Bearer realm="governor"')],
             )
+
+
+def tenant_of(scope: Scope, name: str) -> str:
+    """The tenant a request names in header `name` ("" without one, or when `name` is "")."""
+    return header(scope, name.lower().encode()).strip() if name else ""

@@ -25,7 +25,7 @@ from service.codec.errors import CodecError
 from service.config import OTLPReceiverConfig, parse_listen
 from service.receivers.http import GRPC_CODE, Rejected, rejection
 from service.receivers.intake import Intake, Receiver
-from service.receivers.otlp_http import hand_over
+from service.receivers.otlp_http import count_rejected, hand_over
 from service.telemetry.health import Health
 from service.telemetry.metrics import Metrics
 
@@ -97,15 +97,22 @@ class OTLPGRPCReceiver(Receiver):
         try:
             admitted = self._admit(request, context)
             if admitted.datapoints or admitted.metrics:
-                # On the trio loop: the rules (their state lives there), then the hand-over.
-                trio.from_thread.run(self._hand_over, admitted, trio_token=self._token)
+                gov = self.intake.governance
+                tenant = ""
+                if gov is not None and gov.tenant_header:
+                    metadata = dict(context.invocation_metadata())
+                    tenant = str(metadata.get(gov.tenant_header.lower(), "")).strip()
+                # On the trio loop: stats, limits and rules (their state lives there), then
+                # the hand-over.
+                admitted = trio.from_thread.run(
+                    self._hand_over, admitted, tenant, trio_token=self._token
+                )
         except Rejected as r:
             self._refuse(r, context)  # raises
         except (trio.RunFinishedError, trio.Cancelled):
             self._refuse(self.intake.draining(), context)
         self._ok.inc()
-        if admitted.rejected:
-            self._rejected_points.labels(PIPELINE, "unnamed_metric").inc(admitted.rejected)
+        count_rejected(self, admitted)
         return otlp.response(admitted.rejected, admitted.message)
 
     def _admit(self, request: bytes, context: grpc.ServicerContext) -> otlp.Admitted:
@@ -118,10 +125,11 @@ class OTLPGRPCReceiver(Receiver):
         except CodecError as e:
             raise rejection(e) from None
 
-    async def _hand_over(self, admitted: otlp.Admitted) -> None:
-        _, done = await hand_over(self, admitted, self.intake.deadline())
+    async def _hand_over(self, admitted: otlp.Admitted, tenant: str) -> otlp.Admitted:
+        governed, done = await hand_over(self, admitted, self.intake.deadline(), tenant)
         if done is not None:
             await done.wait()
+        return governed
 
     def _refuse(self, r: Rejected, context: grpc.ServicerContext) -> None:
         code = GRPC_CODE.get(r.status, grpc.StatusCode.INTERNAL)

@@ -14,7 +14,6 @@ from google.rpc.status_pb2 import Status
 from service.codec import compression, otlp
 from service.codec.errors import CodecError
 from service.config import OTLPReceiverConfig
-from service.governance import otlp as governance
 from service.pipeline.items import Ingested
 from service.receivers.http import (
     GRPC_CODE,
@@ -28,7 +27,7 @@ from service.receivers.http import (
     rejection,
     respond,
 )
-from service.receivers.intake import Intake, Receiver
+from service.receivers.intake import Intake, Receiver, tenant_of
 from service.receivers.prw import client_address
 from service.telemetry.health import Health
 from service.telemetry.metrics import Metrics
@@ -73,8 +72,7 @@ class OTLPHTTPReceiver(Receiver):
             return
         self._ok.inc()
         rejected, message = (admitted.rejected, admitted.message) if admitted else (0, "")
-        if rejected:
-            self._rejected_points.labels(PIPELINE, "unnamed_metric").inc(rejected)
+        count_rejected(self, admitted)
         body = otlp.response(rejected, message, json_body=json_body)
         await respond(send, 200, body, (otlp.JSON if json_body else otlp.PROTOBUF).encode())
 
@@ -103,19 +101,21 @@ class OTLPHTTPReceiver(Receiver):
             admitted = otlp.admit(data, json_body=json_body)
         except CodecError as e:
             raise rejection(e) from None
-        return await hand_over(self, admitted, deadline)
+        gov = self.intake.governance
+        tenant = tenant_of(scope, gov.tenant_header) if gov is not None else ""
+        return await hand_over(self, admitted, deadline, tenant)
 
 
 async def hand_over(
-    receiver: Receiver, admitted: otlp.Admitted, deadline: float
+    receiver: Receiver, admitted: otlp.Admitted, deadline: float, tenant: str = ""
 ) -> tuple[otlp.Admitted, trio.Event | None]:
     """Run the pipeline's rules over a decoded OTLP request and hand what is left to its intake
     (both OTLP receivers). Returns the request as forwarded and the event to wait for before
     answering (None: answer now)."""
     intake = receiver.intake
     received = admitted.datapoints
-    if intake.engine is not None:
-        admitted = governance.apply(intake.engine, admitted)
+    if intake.governance is not None and intake.governance.active:
+        admitted = intake.governance.otlp(admitted, tenant)
     done = None
     if admitted.datapoints or admitted.metrics:
         done = intake.done_event()
@@ -125,6 +125,17 @@ async def hand_over(
         await intake.hand_over(item, deadline)
     receiver.received.inc(received)
     return admitted, done
+
+
+def count_rejected(receiver: Receiver, admitted: otlp.Admitted | None) -> None:
+    """Count the datapoints a request's answer reports as rejected, by reason."""
+    if admitted is None or not admitted.rejected:
+        return
+    unnamed = admitted.rejected - admitted.limited
+    if unnamed:
+        receiver._rejected_points.labels(PIPELINE, "unnamed_metric").inc(unnamed)
+    if admitted.limited:
+        receiver._rejected_points.labels(PIPELINE, "limits").inc(admitted.limited)
 
 
 def _status_body(r: Rejected, media: str) -> tuple[bytes, bytes]:

@@ -12,7 +12,6 @@ import trio
 from service.codec import compression, prw
 from service.codec.errors import CodecError
 from service.config import ReceiverConfig
-from service.governance import prw as governance
 from service.pipeline.items import Ingested
 from service.receivers.http import (
     Receive,
@@ -25,7 +24,7 @@ from service.receivers.http import (
     rejection,
     respond,
 )
-from service.receivers.intake import Intake, Receiver
+from service.receivers.intake import Intake, Receiver, tenant_of
 from service.telemetry.health import Health
 from service.telemetry.metrics import Metrics
 
@@ -90,14 +89,14 @@ class PRWReceiver(Receiver):
     ) -> tuple[prw.Counts | None, trio.Event | None]:
         body = await read_body(scope, receive, self.cfg.max_request_bytes)
         encoding = header(scope, b"content-encoding")
-        engine = self.intake.engine
+        gov = self.intake.governance
         try:
             data = compression.decompress(body, encoding, self.cfg.max_decompressed_bytes)
-            if engine is None or not engine.active:
+            if gov is None or not gov.active:
                 counts = received = prw.count(data)
                 governed = None
             else:
-                governed = governance.govern(engine, data)
+                governed = gov.prw(data, tenant_of(scope, gov.tenant_header))
                 counts = prw.Counts(governed.series, governed.samples, governed.histograms)
                 received = prw.Counts(0, governed.in_samples, governed.in_histograms)
         except CodecError as e:

@@ -1,0 +1,637 @@
+"""Governance of one pipeline, in the order a request meets it: stats, then limits, then rules.
+
+The receivers call `prw()` or `otlp()` on each decoded request, before the hand-over, with the
+tenant their request header named. Stats and limits see what the client attempted; the rules see
+what the limits let through. Per distinct remote-write series the facts that stats and limits
+need (name, labels, stats group, which limits apply) are worked out once and remembered by the
+series' hash, so a known series costs a few C-level list operations.
+
+`run()` is the pipeline's governance task: it emits due windows (rules' downsample and
+aggregate, limits' re-aggregation of stripped series), reports dead rules, forgets idle limit
+groups and logs groups that stop being limited.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import operator
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import trio
+import xxhash
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+from service._proto.governor.prw_views_pb2 import (
+    LabelsOnlyLabels,
+    LabelsOnlyRequest,
+    MergedWriteRequest,
+    SeriesBytes,
+)
+from service._proto.prometheus.remote_pb2 import WriteRequest
+from service.codec import otlp as otlp_codec
+from service.codec import prw as prw_codec
+from service.codec.errors import BadProtobuf
+from service.governance import otlp as otlp_gov
+from service.governance import prw as prw_gov
+from service.governance.cardinality import hash_many
+from service.governance.engine import RuleEngine, SeriesKey
+from service.governance.limits import Decisions, LimitEngine, SeriesIn
+from service.governance.stats import Stats
+from service.governance.windows import Emitted
+from service.telemetry import logs
+
+log = logs.get("governance")
+
+NAME = "__name__"
+_COUNTER_SUFFIXES = ("_total", "_count", "_sum", "_bucket")
+# The metric name of each series, straight from the bytes: a TimeSeries' labels come first and
+# Prometheus sorts `__name__` first. Only trusted when it finds exactly one per series.
+_NAME_RE = re.compile(rb"\n\x08__name__\x12[\x01-\x7f]([a-zA-Z_:][a-zA-Z0-9_:]*)")
+_INTERN_MAX = 1_000_000
+
+
+@attrs.define(eq=False, slots=True)
+class Facts:
+    """What stats and limits need of one distinct series, worked out at its first sight."""
+
+    name: str
+    pairs: tuple[tuple[str, str], ...]  # its labels but `__name__`, interned
+    group: tuple[str, ...] | None  # stats: its values of `stats.labels`
+    tenant: str  # from the tenancy label ("" when that label is not set)
+    seen: int = -1  # stats: the window it was last counted in
+    limits: Any = None  # LimitEngine.matches(...) for `generation`
+    generation: int = -1
+
+    def labels(self) -> dict[str, str]:
+        return dict(self.pairs)
+
+
+_NAME_OF = operator.attrgetter("name")
+_SEEN_OF = operator.attrgetter("seen")
+_GROUP_OF = operator.attrgetter("group")
+
+
+class Governance:
+    """Stats, limits and rules of one pipeline."""
+
+    def __init__(
+        self,
+        *,
+        pipeline: str,
+        engine: RuleEngine | None = None,
+        stats: Stats | None = None,
+        limits: LimitEngine | None = None,
+        clock_ms: Callable[[], int],
+        series_cache: int = 1_000_000,
+    ) -> None:
+        self.pipeline = pipeline
+        self.engine = engine
+        self.stats = stats
+        self.limits = limits
+        self.clock_ms = clock_ms
+        self.series_cache = series_cache
+        self.facts: dict[int, Facts] = {}
+        self._strings: dict[str, str] = {}
+        self._pairs: dict[tuple[str, str], tuple[str, str]] = {}
+        self._facts_labels: tuple[str, ...] = ()
+        self._tenant_label = ""
+
+    @property
+    def rules_active(self) -> bool:
+        return self.engine is not None and self.engine.active
+
+    @property
+    def limits_active(self) -> bool:
+        return self.limits is not None and self.limits.active
+
+    @property
+    def active(self) -> bool:
+        return self.stats is not None or self.limits_active or self.rules_active
+
+    @property
+    def tenant_header(self) -> str:
+        """The request header (gRPC metadata key) that names the tenant; "" without limits."""
+        return self.limits.tenancy.header if self.limits_active else ""
+
+    def _check_facts(self) -> None:
+        """Facts depend on the stats labels and the tenancy label: forget them if those
+        changed (a limits reload)."""
+        labels = self.stats.labels if self.stats is not None else ()
+        tenant = self.limits.tenancy.label if self.limits is not None else ""
+        if (labels, tenant) != (self._facts_labels, self._tenant_label):
+            self.facts.clear()
+            self._facts_labels, self._tenant_label = labels, tenant
+
+    # ---- remote write ------------------------------------------------------------------------
+
+    def prw(self, data: bytes, tenant: str = "") -> prw_gov.Governed:
+        """Validate a serialized WriteRequest (raises BadProtobuf) and govern it."""
+        counts = prw_codec.count(data)
+        single = not counts.histograms and counts.samples == counts.series
+        stats, limits = self.stats, self.limits if self.limits_active else None
+        now_s = self.clock_ms() / 1000
+        removed = 0
+        changed = None
+        if stats is not None and not stats.full and limits is None:
+            names = _NAME_RE.findall(data) if single else None
+            if names is not None and len(names) == counts.series:
+                per_name = collections.Counter(names)  # counted as bytes, in C
+                stats.add_datapoints({k.decode(): n for k, n in per_name.items()}, now_s)
+            else:
+                stats.add_datapoints(_points_per_name(data), now_s)
+        elif stats is not None or limits is not None:
+            self._check_facts()
+            keys, ids = series_keys(data)
+            facts = self._facts_of(keys, ids)
+            points = [1] * len(ids) if single else _points_per_series(data)
+            if stats is not None:
+                self._count_prw(stats, facts, ids, points, single, now_s)
+            if limits is not None:
+                decided = self._limit(limits, facts, ids, points, tenant, now_s)
+                if decided.changed:
+                    changed, removed = self._apply_prw(limits, data, keys, facts, ids, decided)
+        if changed is not None:
+            data = changed
+            counts_after = prw_codec.count(data)
+        else:
+            counts_after = counts
+        if self.rules_active:
+            assert self.engine is not None
+            g = prw_gov.govern(self.engine, data)
+            if changed is not None and g.data is None:
+                g = attrs.evolve(g, data=data)
+            return attrs.evolve(
+                g,
+                removed=g.removed + removed,
+                in_samples=counts.samples,
+                in_histograms=counts.histograms,
+            )
+        return prw_gov.Governed(
+            changed,
+            counts_after.series,
+            counts_after.datapoints,
+            counts_after.samples,
+            counts_after.histograms,
+            removed,
+            counts.samples,
+            counts.histograms,
+        )
+
+    def _facts_of(self, keys: list[bytes], ids: list[int]) -> list[Facts]:
+        cache = self.facts
+        facts = list(map(cache.get, ids))
+        if None in facts:
+            for i, f in enumerate(facts):
+                if f is None:
+                    if len(cache) >= self.series_cache:
+                        cache.clear()
+                    facts[i] = cache[ids[i]] = self._new_facts_prw(keys[i])
+        return facts  # type: ignore[return-value]
+
+    def _intern(self, s: str) -> str:
+        got = self._strings.get(s)
+        if got is None:
+            if len(self._strings) >= _INTERN_MAX:
+                self._strings.clear()
+                self._pairs.clear()
+            got = self._strings[s] = s
+        return got
+
+    def _pair(self, k: str, v: str) -> tuple[str, str]:
+        pair = (k, v)
+        got = self._pairs.get(pair)
+        if got is None:
+            got = self._pairs[pair] = (self._intern(k), self._intern(v))
+        return got
+
+    def _new_facts(self, name: str, pairs: tuple[tuple[str, str], ...]) -> Facts:
+        labels = dict(pairs)
+        group = None
+        if self.stats is not None and self.stats.labels:
+            group = tuple(self._intern(labels.get(k, "")) for k in self.stats.labels)
+        tenant = labels.get(self._tenant_label, "") if self._tenant_label else ""
+        return Facts(self._intern(name), pairs, group, tenant)
+
+    def _new_facts_prw(self, key: bytes) -> Facts:
+        name = ""
+        pairs = []
+        for lb in LabelsOnlyLabels.FromString(key).labels:
+            if lb.name == NAME:
+                name = lb.value
+            else:
+                pairs.append(self._pair(lb.name, lb.value))
+        return self._new_facts(name, tuple(sorted(pairs)))
+
+    def _count_prw(
+        self,
+        stats: Stats,
+        facts: list[Facts],
+        ids: list[int],
+        points: list[int],
+        single: bool,
+        now_s: float,
+    ) -> None:
+        names = list(map(_NAME_OF, facts))
+        if single:
+            stats.add_datapoints(collections.Counter(names), now_s)
+        else:
+            per: dict[str, int] = {}
+            for name, n in zip(names, points, strict=True):
+                per[name] = per.get(name, 0) + n
+            stats.add_datapoints(per, now_s)
+        if not stats.full:
+            return
+        index = stats.index
+        groups = list(map(_GROUP_OF, facts)) if stats.labels else None
+        if groups is not None:
+            if single:
+                stats.add_group_datapoints(collections.Counter(groups), now_s)
+            else:
+                per_g: dict[tuple[str, ...], int] = {}
+                for gk, n in zip(groups, points, strict=True):
+                    per_g[gk] = per_g.get(gk, 0) + n
+                stats.add_group_datapoints(per_g, now_s)
+        # Series are added to the trackers once per window: at their first sight in it.
+        fresh = list(itertools.compress(range(len(facts)), map(index.__ne__, map(_SEEN_OF, facts))))
+        if not fresh:
+            return
+        by_name: dict[str, list[int]] = {}
+        by_group: dict[tuple[str, ...], list[int]] = {}
+        for i in fresh:
+            f = facts[i]
+            f.seen = index
+            h = ids[i]
+            got = by_name.get(f.name)
+            if got is None:
+                by_name[f.name] = [h]
+            else:
+                got.append(h)
+            stats.add_label_values(f.name, f.pairs)
+            if f.group is not None:
+                by_group.setdefault(f.group, []).append(h)
+        for name, hashes in by_name.items():
+            stats.add_series(name, hashes, now_s)
+        for gk, hashes in by_group.items():
+            stats.add_group_series(gk, hashes, now_s)
+
+    def _limit(
+        self,
+        limits: LimitEngine,
+        facts: list[Facts],
+        ids: list[int],
+        points: list[int],
+        tenant: str,
+        now_s: float,
+    ) -> Decisions:
+        gen = limits.generation
+        series: list[SeriesIn] = []
+        matches = []
+        index: list[int] = []
+        default = limits.tenancy.default
+        for i, f in enumerate(facts):
+            if f.generation != gen:
+                f.limits = limits.matches(f.name, f.labels())
+                f.generation = gen
+            if not f.limits:
+                continue
+            index.append(i)
+            matches.append(f.limits)
+            series.append(
+                SeriesIn(ids[i], f.name, f.pairs, points[i], tenant or f.tenant or default)
+            )
+        decided = limits.decide(series, matches, now_s)
+        if not decided.changed:
+            return decided
+        # Back from positions among the limited series to positions in the request.
+        return Decisions(
+            {index[i] for i in decided.drop},
+            {index[i]: v for i, v in decided.strip.items()},
+            {index[i]: v for i, v in decided.annotate.items()},
+            decided.rejected,
+        )
+
+    def _apply_prw(
+        self,
+        limits: LimitEngine,
+        data: bytes,
+        keys: list[bytes],
+        facts: list[Facts],
+        ids: list[int],
+        d: Decisions,
+    ) -> tuple[bytes, int]:
+        """The request without the series the limits took out, the stripped ones
+        re-aggregated, the annotated ones relabeled. Returns (data, datapoints removed)."""
+        src = SeriesBytes.FromString(data)
+        full = list(src.timeseries)
+        out = []
+        removed = 0
+        now_ms = self.clock_ms()
+        for i, series in enumerate(full):
+            if i in d.drop:
+                continue
+            stripped = d.strip.get(i)
+            if stripped is not None:
+                ts = prw_codec.TimeSeries.FromString(series)
+                if not ts.histograms:
+                    lim, labels = stripped
+                    f = facts[i]
+                    counter = f.name.endswith(_COUNTER_SUFFIXES)
+                    state = limits.strip_state(lim, counter)
+                    key = SeriesKey((ids[i],))
+                    grouped = state.group_of(f.name, labels)
+                    for s in ts.samples:
+                        state.add_one(key, f.name, grouped, counter, s.timestamp, s.value, now_ms)
+                    removed += len(ts.samples)
+                    continue
+            rule = d.annotate.get(i)
+            if rule is not None and series.startswith(keys[i]):
+                f = facts[i]
+                labels = {**f.labels(), LimitEngine.ANNOTATION: rule}
+                series = prw_gov.labels_wire(f.name, labels) + series[len(keys[i]) :]
+            out.append(series)
+        merged = MergedWriteRequest.FromString(
+            SeriesBytes(timeseries=[full[i] for i in d.drop]).SerializeToString()
+        ).timeseries
+        removed += len(merged.samples) + len(merged.histograms)
+        new = SeriesBytes(timeseries=out, metadata=src.metadata).SerializeToString()
+        return new, removed
+
+    # ---- OTLP --------------------------------------------------------------------------------
+
+    def otlp(self, admitted: otlp_codec.Admitted, tenant: str = "") -> otlp_codec.Admitted:
+        """Govern a decoded OTLP request: stats, limits (what they refuse is reported back as
+        partial success), then the rules."""
+        req = admitted.request
+        if req is None:
+            return admitted
+        stats, limits = self.stats, self.limits if self.limits_active else None
+        now_s = self.clock_ms() / 1000
+        if stats is not None or limits is not None:
+            rejected, changed = self._govern_otlp(req, stats, limits, tenant, now_s)
+            if changed:
+                points, metrics = otlp_codec.count(req)
+                admitted = attrs.evolve(
+                    admitted, data=req.SerializeToString(), datapoints=points, metrics=metrics
+                )
+            if rejected:
+                message = f"{rejected} data points refused by limits"
+                if admitted.message:
+                    message = f"{admitted.message}; {message}"
+                admitted = attrs.evolve(
+                    admitted,
+                    rejected=admitted.rejected + rejected,
+                    message=message,
+                    limited=admitted.limited + rejected,
+                )
+        if self.rules_active:
+            assert self.engine is not None
+            admitted = otlp_gov.apply(self.engine, admitted)
+        return admitted
+
+    def _govern_otlp(
+        self,
+        req: ExportMetricsServiceRequest,
+        stats: Stats | None,
+        limits: LimitEngine | None,
+        tenant: str,
+        now_s: float,
+    ) -> tuple[int, bool]:
+        per_name: dict[str, int] = {}
+        full = stats is not None and stats.full
+        per_dp = full or limits is not None
+        entries: list[tuple[Any, ...]] = []  # (metric, field, dp, resource, facts, id)
+        for rm in req.resource_metrics:
+            resource: dict[str, str] | None = None
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    field = m.WhichOneof("data")
+                    if field is None:
+                        continue
+                    dps = getattr(m, field).data_points
+                    per_name[m.name] = per_name.get(m.name, 0) + len(dps)
+                    if not per_dp:
+                        continue
+                    if resource is None:
+                        resource = {
+                            kv.key: otlp_gov.any_str(kv.value) for kv in rm.resource.attributes
+                        }
+                        rkey = "\x00".join(f"{k}\x01{v}" for k, v in sorted(resource.items()))
+                    for dp in dps:
+                        pairs = tuple(
+                            sorted(
+                                self._pair(kv.key, otlp_gov.any_str(kv.value))
+                                for kv in dp.attributes
+                            )
+                        )
+                        text = "\x00".join([m.name, *(f"{k}\x01{v}" for k, v in pairs), rkey])
+                        h = xxhash.xxh3_64_intdigest(text.encode())
+                        f = self.facts.get(h)
+                        if f is None:
+                            if len(self.facts) >= self.series_cache:
+                                self.facts.clear()
+                            f = self.facts[h] = self._new_facts(m.name, pairs)
+                            if not f.tenant and limits is not None:
+                                attr = limits.tenancy.resource_attribute
+                                f.tenant = resource.get(attr, "") if attr else ""
+                        entries.append((m, field, dp, resource, f, h))
+        if stats is not None:
+            stats.add_datapoints(per_name, now_s)
+            if full:
+                self._count_entries(stats, entries, now_s)
+        if limits is None or not entries:
+            return 0, False
+        gen = limits.generation
+        series, matches, index = [], [], []
+        default = limits.tenancy.default
+        for i, (_m, _field, _dp, resource, f, h) in enumerate(entries):
+            if f.generation != gen:
+                f.limits = limits.matches(f.name, f.labels(), resource)
+                f.generation = gen
+            if not f.limits:
+                continue
+            index.append(i)
+            matches.append(f.limits)
+            series.append(SeriesIn(h, f.name, f.pairs, 1, tenant or f.tenant or default))
+        d = limits.decide(series, matches, now_s)
+        if not d.changed:
+            return 0, False
+        drop = {id(entries[index[i]][2]) for i in d.drop}
+        strip = {id(entries[index[i]][2]): (entries[index[i]], v) for i, v in d.strip.items()}
+        annotate = {id(entries[index[i]][2]): v for i, v in d.annotate.items()}
+        now_ms = self.clock_ms()
+        for rm in req.resource_metrics:
+            for sm in rm.scope_metrics:
+                emptied = False
+                for m in sm.metrics:
+                    field = m.WhichOneof("data")
+                    if field is None:
+                        continue
+                    dps = getattr(m, field).data_points
+                    keep = []
+                    touched = False
+                    for dp in dps:
+                        key = id(dp)
+                        if key in drop:
+                            touched = True
+                            continue
+                        s = strip.get(key)
+                        if s is not None and field in ("gauge", "sum"):
+                            (_m, _f, _dp, resource, f, h), (lim, labels) = s
+                            self._strip_otlp(
+                                limits, lim, rm, sm, m, field, dp, f, h, labels, now_ms
+                            )
+                            touched = True
+                            continue
+                        rule = annotate.get(key)
+                        if rule is not None:
+                            dp.attributes.append(
+                                KeyValue(
+                                    key=LimitEngine.ANNOTATION, value=AnyValue(string_value=rule)
+                                )
+                            )
+                        keep.append(dp)
+                    if touched:
+                        del dps[:]
+                        dps.extend(keep)
+                        emptied = emptied or not keep
+                if emptied:
+                    kept = [m for m in sm.metrics if otlp_gov._points(m)]
+                    del sm.metrics[:]
+                    sm.metrics.extend(kept)
+        return d.rejected, True
+
+    def _strip_otlp(
+        self,
+        limits: LimitEngine,
+        lim: Any,
+        rm: Any,
+        sm: Any,
+        m: Any,
+        field: str,
+        dp: Any,
+        f: Facts,
+        h: int,
+        labels: dict[str, str],
+        now_ms: int,
+    ) -> None:
+        counter = otlp_gov._kind(m, field) == "counter"
+        state = limits.strip_state(lim, counter)
+        resource = {kv.key: otlp_gov.any_str(kv.value) for kv in rm.resource.attributes}
+        origin = otlp_gov.Origin(
+            tuple(sorted(resource.items())),
+            rm.resource.SerializeToString(),
+            sm.scope.SerializeToString(),
+            m.description,
+            m.unit,
+        )
+        grouped = state.group_of(m.name, labels, origin)
+        v = dp.as_double if dp.WhichOneof("value") == "as_double" else float(dp.as_int)
+        state.add_one(
+            SeriesKey((h,)),
+            m.name,
+            grouped,
+            counter,
+            dp.time_unix_nano // 1_000_000,
+            v,
+            now_ms,
+            origin,
+        )
+
+    def _count_entries(self, stats: Stats, entries: list[tuple[Any, ...]], now_s: float) -> None:
+        index = stats.index
+        per_group: dict[tuple[str, ...], int] = {}
+        by_name: dict[str, list[int]] = {}
+        by_group: dict[tuple[str, ...], list[int]] = {}
+        for *_, f, h in entries:
+            if f.group is not None:
+                per_group[f.group] = per_group.get(f.group, 0) + 1
+            if f.seen == index:
+                continue
+            f.seen = index
+            by_name.setdefault(f.name, []).append(h)
+            stats.add_label_values(f.name, f.pairs)
+            if f.group is not None:
+                by_group.setdefault(f.group, []).append(h)
+        if per_group:
+            stats.add_group_datapoints(per_group, now_s)
+        for name, hashes in by_name.items():
+            stats.add_series(name, hashes, now_s)
+        for gk, hashes in by_group.items():
+            stats.add_group_series(gk, hashes, now_s)
+
+    # ---- the governance task -----------------------------------------------------------------
+
+    def due(self, *, force: bool = False) -> list[Emitted]:
+        out: list[Emitted] = []
+        if self.engine is not None:
+            out += self.engine.due(force=force)
+        if self.limits is not None:
+            out += self.limits.due(self.clock_ms(), force=force)
+        return out
+
+    async def run(
+        self,
+        emit: Callable[[list[Emitted]], Awaitable[None]],
+        stop: trio.Event,
+        *,
+        tick_s: float = 0.5,
+    ) -> None:
+        """Every `tick_s` until `stop`: emit due windows, report dead rules, tidy the limits'
+        groups and roll the stats' window; at `stop`, emit every open window."""
+        while not stop.is_set():
+            with trio.move_on_after(tick_s):
+                await stop.wait()
+            due = self.due()
+            if due:
+                await emit(due)
+            now_s = self.clock_ms() / 1000
+            if self.engine is not None:
+                for name, dead in self.engine.check_dead():
+                    logs.log(
+                        log,
+                        logging.WARNING if dead else logging.INFO,
+                        "rule is dead: no match for dead_after" if dead else "rule matches again",
+                        rule=name,
+                        pipeline=self.pipeline,
+                    )
+            if self.limits is not None:
+                self.limits.prune(now_s)
+            if self.stats is not None:
+                self.stats.roll(now_s)
+        rest = self.due(force=True)
+        if rest:
+            await emit(rest)
+
+
+def series_keys(data: bytes) -> tuple[list[bytes], list[int]]:
+    """Each series' serialized labels and their hash (`series_hash`), in the request's order:
+    upb parses a labels-only view and serializes it back without the samples, all in C."""
+    view = LabelsOnlyRequest.FromString(data)
+    view.DiscardUnknownFields()
+    keys = list(SeriesBytes.FromString(view.SerializeToString()).timeseries)
+    return keys, hash_many(keys)
+
+
+def _points_per_series(data: bytes) -> list[int]:
+    try:
+        req = WriteRequest.FromString(data)
+    except Exception:
+        raise BadProtobuf("body is not a valid protobuf WriteRequest") from None
+    return [len(ts.samples) + len(ts.histograms) for ts in req.timeseries]
+
+
+def _points_per_name(data: bytes) -> dict[str, int]:
+    req = WriteRequest.FromString(data)
+    per: dict[str, int] = {}
+    for ts in req.timeseries:
+        name = prw_gov.series_name(ts)
+        per[name] = per.get(name, 0) + len(ts.samples) + len(ts.histograms)
+    return per

@@ -1,0 +1,220 @@
+"""Per-metric statistics: datapoints per metric name (basic), and active series per metric, the
+top label values per metric and datapoints and series per label combination (full).
+
+Fed per request by the wire adapters with what they already know (names, series hashes, counts);
+no per-datapoint work here. Bounded: at most `max_metrics` names and label combinations (the rest
+count under `__other__`) and `max_label_values` values per label of a metric. Sans-IO: callers
+pass the time in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+
+from service.config import StatsConfig
+from service.governance.cardinality import WindowedTracker, top_k
+
+OTHER = "__other__"
+
+
+@attrs.define(eq=False, slots=True)
+class Counted:
+    """Datapoints and (full) series of one metric name or one label combination."""
+
+    tracker: WindowedTracker | None
+    total: int = 0  # datapoints since start
+    window: int = 0  # datapoints in the current window
+    before: int = 0  # datapoints in the previous window
+    # full, metrics only: label -> value -> series first seen with it in the current window
+    values: dict[str, dict[str, int]] | None = None
+    values_before: dict[str, dict[str, int]] | None = None
+    values_dropped: int = 0  # values not kept (past max_label_values)
+
+    def series(self) -> int:
+        return self.tracker.count() if self.tracker is not None else 0
+
+
+class Stats:
+    """The stats of one pipeline."""
+
+    def __init__(self, cfg: StatsConfig, *, pipeline: str) -> None:
+        self.cfg = cfg
+        self.pipeline = pipeline
+        self.full = cfg.level == "full"
+        self.labels = tuple(cfg.labels)
+        self.window_s = cfg.window_s
+        self.metrics: dict[str, Counted] = {}
+        self.groups: dict[tuple[str, ...], Counted] = {}
+        self.index = -1  # the current window: floor(now_s / window_s)
+        self.datapoints = 0  # since start, every metric
+
+    # ---- feeding -----------------------------------------------------------------------------
+
+    def roll(self, now_s: float) -> int:
+        """Move to the window `now_s` falls in; returns its index."""
+        index = int(now_s // self.window_s)
+        if index != self.index:
+            step = index == self.index + 1
+            for c in (*self.metrics.values(), *self.groups.values()):
+                c.before = c.window if step else 0
+                c.window = 0
+                if c.tracker is not None:
+                    c.tracker.roll(now_s)
+                if c.values is not None:
+                    c.values_before = c.values if step else {}
+                    c.values = {}
+            self.index = index
+        return index
+
+    def _entry(self, table: dict[Any, Counted], key: Any, now_s: float) -> Counted:
+        c = table.get(key)
+        if c is None:
+            if len(table) >= self.cfg.max_metrics:
+                key = OTHER if table is self.metrics else (OTHER,) * len(self.labels)
+                c = table.get(key)
+                if c is not None:
+                    return c
+            tracker = None
+            if self.full:
+                tracker = WindowedTracker(self.window_s, self.cfg.exact_limit)
+                tracker.roll(now_s)
+            c = table[key] = Counted(tracker, values={} if table is self.metrics else None)
+            if c.values is not None and self.full:
+                c.values_before = {}
+        return c
+
+    def add_datapoints(self, per_name: Mapping[str, int], now_s: float) -> None:
+        """Datapoints per metric name of one request."""
+        self.roll(now_s)
+        metrics = self.metrics
+        total = 0
+        for name, n in per_name.items():
+            c = metrics.get(name) or self._entry(metrics, name, now_s)
+            c.total += n
+            c.window += n
+            total += n
+        self.datapoints += total
+
+    def add_group_datapoints(self, per_group: Mapping[tuple[str, ...], int], now_s: float) -> None:
+        """Datapoints per label combination (`stats.labels`) of one request."""
+        groups = self.groups
+        for key, n in per_group.items():
+            c = groups.get(key) or self._entry(groups, key, now_s)
+            c.total += n
+            c.window += n
+
+    def add_series(self, name: str, hashes: list[int], now_s: float) -> None:
+        """Series of one metric seen for the first time in this window (full)."""
+        c = self.metrics.get(name) or self._entry(self.metrics, name, now_s)
+        if c.tracker is not None:
+            c.tracker.add_hashes(hashes)
+
+    def add_group_series(self, key: tuple[str, ...], hashes: list[int], now_s: float) -> None:
+        c = self.groups.get(key) or self._entry(self.groups, key, now_s)
+        if c.tracker is not None:
+            c.tracker.add_hashes(hashes)
+
+    def add_label_values(self, name: str, pairs: Iterable[tuple[str, str]]) -> None:
+        """The labels of one series of `name` seen for the first time in this window (full):
+        counts series per label value, for the top values per metric."""
+        c = self.metrics.get(name)
+        if c is None or c.values is None:
+            return
+        limit = self.cfg.max_label_values
+        values = c.values
+        for k, v in pairs:
+            per = values.get(k)
+            if per is None:
+                per = values[k] = {}
+            n = per.get(v)
+            if n is not None:
+                per[v] = n + 1
+            elif len(per) < limit:
+                per[v] = 1
+            else:
+                c.values_dropped += 1
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    def top_metrics(self, k: int, by: str) -> list[tuple[str, int]]:
+        """The `k` metrics with the most series (`by="series"`) or datapoints in the last full
+        window and this one (`by="datapoints"`)."""
+        if by == "series":
+            counts = {n: c.series() for n, c in self.metrics.items()}
+        else:
+            counts = {n: c.window + c.before for n, c in self.metrics.items()}
+        return [(n, int(v)) for n, v in top_k(counts, k)]
+
+    def top_values(self, name: str, k: int) -> dict[str, tuple[int, list[tuple[str, int]]]]:
+        """Per label of a metric: how many distinct values it had (this window and the
+        previous one; at most max_label_values are kept) and its `k` values with the most
+        series."""
+        c = self.metrics.get(name)
+        if c is None or c.values is None:
+            return {}
+        out = {}
+        for label in sorted(set(c.values) | set(c.values_before or {})):
+            merged = dict((c.values_before or {}).get(label, {}))
+            for v, n in c.values.get(label, {}).items():
+                merged[v] = max(merged.get(v, 0), n)
+            out[label] = (len(merged), [(v, int(n)) for v, n in top_k(merged, k)])
+        return out
+
+    def memory_bytes(self) -> int:
+        """The trackers' bytes (the rest is a few hundred bytes per name)."""
+        return sum(
+            c.tracker.memory_bytes()
+            for c in (*self.metrics.values(), *self.groups.values())
+            if c.tracker is not None
+        )
+
+    def report(self, top: int) -> dict[str, Any]:
+        """The /api/v1/cardinality answer for this pipeline."""
+        names = {n for n, _ in self.top_metrics(top, "series")} if self.full else set()
+        names |= {n for n, _ in self.top_metrics(top, "datapoints")}
+        rows = []
+        for name in names:
+            c = self.metrics[name]
+            row: dict[str, Any] = {
+                "name": name,
+                "datapoints_window": c.window + c.before,
+                "datapoints_total": c.total,
+            }
+            if self.full:
+                row["series"] = c.series()
+                row["labels"] = [
+                    {
+                        "label": label,
+                        "distinct_values": distinct,
+                        "top_values": [{"value": v, "series": n} for v, n in vals],
+                    }
+                    for label, (distinct, vals) in self.top_values(name, top).items()
+                ]
+            rows.append(row)
+        key = "series" if self.full else "datapoints_window"
+        rows.sort(key=lambda r: (-r[key], r["name"]))
+        out: dict[str, Any] = {
+            "level": self.cfg.level,
+            "window_s": self.window_s,
+            "metrics_tracked": len(self.metrics),
+            "datapoints_total": self.datapoints,
+            "metrics": rows[:top] if not self.full else rows,
+        }
+        if self.full:
+            out["series_total"] = sum(c.series() for c in self.metrics.values())
+            out["tracker_bytes"] = self.memory_bytes()
+            if self.labels:
+                counts = {"\x00".join(k): c.series() for k, c in self.groups.items()}
+                by_text = {"\x00".join(k): (k, c) for k, c in self.groups.items()}
+                out["groups"] = [
+                    {
+                        "labels": dict(zip(self.labels, by_text[text][0], strict=False)),
+                        "series": n,
+                        "datapoints_window": by_text[text][1].window + by_text[text][1].before,
+                    }
+                    for text, n in top_k(counts, top)
+                ]
+        return out
