@@ -484,7 +484,26 @@ def test_clock_going_back_does_not_roll() -> None:
     assert WindowedTracker().statistics().window_start_s is None
 
 
+def test_windows_union_sketch_follows_later_adds() -> None:
+    """After a count, hashes added to the current window reach the union too: the count after
+    each add is the union's, with nothing counted twice."""
+    w = WindowedTracker(window_s=60.0, exact_limit=100)
+    w.roll(0.0)
+    w.add_hashes(_series(0, 20_000))
+    w.roll(60.0)
+    w.add_hashes(_series(10_000, 30_000))
+    assert w.count() == pytest.approx(30_000, rel=0.02)
+    w.add_hashes(_series(30_000, 40_000))
+    assert w.count() == pytest.approx(40_000, rel=0.02)
+    assert w.statistics().current == pytest.approx(30_000, rel=0.02)
+    w.add_hashes(_series(0, 40_000))  # all seen already: no change
+    assert w.count() == pytest.approx(40_000, rel=0.02)
+
+
 def test_windows_with_sketches() -> None:
+    """Past the exact limit each window is a sketch, and once counted, their union is a third
+    one kept up to date (so counting after each add stays cheap): memory is three sketches,
+    whatever the number of series, and the union keeps counting what is added after it."""
     w = WindowedTracker(window_s=60.0, exact_limit=100)
     w.roll(0.0)
     w.add_hashes(_series(0, 20_000))
@@ -494,7 +513,7 @@ def test_windows_with_sketches() -> None:
     assert not stats.exact
     assert stats.count == pytest.approx(30_000, rel=0.02)
     assert stats.current == pytest.approx(20_000, rel=0.02)
-    assert stats.memory_bytes < 2 * (2**14 + 1024)
+    assert stats.memory_bytes < 3 * (2**14 + 1024)
     w.roll(120.0)
     w.add_hashes(_series(10_000, 10_050))  # a small current window, exact
     assert w.count() == pytest.approx(20_000, rel=0.02)

@@ -400,7 +400,16 @@ class WindowedTracker:
     union says so; the larger of the two would count half of them.
     """
 
-    __slots__ = ("_count", "_current", "_index", "_limit", "_p", "_previous", "_window_s")
+    __slots__ = (
+        "_count",
+        "_current",
+        "_index",
+        "_limit",
+        "_p",
+        "_previous",
+        "_union",
+        "_window_s",
+    )
 
     def __init__(
         self,
@@ -417,6 +426,11 @@ class WindowedTracker:
         self._previous = CardinalityTracker(exact_limit, precision)
         self._index: int | None = None  # which window is current: floor(now_s / window_s)
         self._count: int | None = 0  # count(), until the next add or roll
+        # Once a window counts by sketch: both windows' union as a sketch, kept up to date by
+        # add_hashes, so count() stays cheap (a sketch's estimate is cached until a register
+        # rises) instead of a copy and a merge (~0.25 ms) after every add. Built at the first
+        # count() that needs it, dropped at a roll.
+        self._union: HyperLogLog | None = None
 
     @property
     def window_s(self) -> float:
@@ -440,27 +454,42 @@ class WindowedTracker:
         self._current = CardinalityTracker(self._limit, self._p)
         self._index = index
         self._count = None
+        self._union = None
         return True
 
     def add_hash(self, h: int) -> None:
-        self._current.add_hash(h)
-        self._count = None
+        self.add_hashes((h,))
 
     def add_hashes(self, hashes: Iterable[int]) -> None:
         """Add hashes to the current window (see CardinalityTracker.add_hashes)."""
-        self._current.add_hashes(hashes)
+        union = self._union
+        if union is None:
+            self._current.add_hashes(hashes)
+        else:
+            hashes = list(hashes)
+            self._current.add_hashes(hashes)
+            union.add_hashes(hashes)
         self._count = None
 
     def count(self) -> int:
         """Distinct series in the previous and current windows together. Cached until the next
         add or roll; otherwise O(set size) while both windows are exact (~5 us at 1000 each),
-        ~0.25 ms with sketches (a copy and a merge)."""
+        and the union sketch's estimate (cached until a register rises) once one is not."""
         if self._count is None:
-            self._count = _union_count(self._current, self._previous)
+            cur, prev = self._current, self._previous
+            if cur._exact is not None and prev._exact is not None:
+                self._count = _union_count(cur, prev)
+            else:
+                union = self._union
+                if union is None:
+                    union = self._union = _sketch_of(prev, self._p)
+                    union.merge(_sketch_of(cur, self._p))
+                self._count = round(union.count())
         return self._count
 
     def memory_bytes(self) -> int:
-        return self._current.memory_bytes() + self._previous.memory_bytes()
+        union = self._union.memory_bytes() if self._union is not None else 0
+        return self._current.memory_bytes() + self._previous.memory_bytes() + union
 
     def statistics(self) -> WindowStats:
         index = self._index
@@ -478,6 +507,16 @@ class WindowedTracker:
             f"WindowedTracker(window_s={self._window_s}, count={self.count()}, "
             f"current={self._current.count()}, previous={self._previous.count()})"
         )
+
+
+def _sketch_of(t: CardinalityTracker, precision: int) -> HyperLogLog:
+    """A new sketch holding what a tracker counts."""
+    if t._hll is not None:
+        return t._hll.copy()
+    hll = HyperLogLog(precision)
+    assert t._exact is not None
+    hll.add_hashes(t._exact)
+    return hll
 
 
 def _union_count(a: CardinalityTracker, b: CardinalityTracker) -> int:

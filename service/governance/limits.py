@@ -13,7 +13,7 @@ the limit's name and the key's path, and a file with a problem never replaces a 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -397,17 +397,20 @@ class LimitStats:
 
 
 @attrs.define(eq=False, slots=True)
-class SeriesIn:
-    """A series of a request as the limits see it."""
+class Series:
+    """A request's series as the limits see them, by position: their hashes, their facts
+    (anything with `name` and `pairs`, the labels but `__name__`) and their datapoints."""
 
-    id: int  # series_hash of its identity
-    name: str
-    pairs: tuple[tuple[str, str], ...]  # its labels without __name__
-    points: int
-    tenant: str
+    ids: list[int]
+    facts: Sequence[Any]
+    points: list[int] | None = None  # None: one each
 
-    def labels(self) -> dict[str, str]:
-        return dict(self.pairs)
+    def count(self, idx: Collection[int]) -> int:
+        """Datapoints of the series at positions `idx`."""
+        if self.points is None:
+            return len(idx)
+        points = self.points
+        return sum(points[i] for i in idx)
 
 
 @attrs.define(eq=False)
@@ -476,6 +479,7 @@ class LimitEngine:
         self.tenancy = limitset.tenancy
         self.generation += 1
         self._plans: dict[str, tuple[int, ...]] = {}
+        self._reset_matches()
         groups, caps, strips = {}, {}, {}
         for lim in self.limits:
             same = old_by.get(lim.name) == lim and old is not None and old.window_s == self.window_s
@@ -522,10 +526,22 @@ class LimitEngine:
 
     # ---- deciding ----------------------------------------------------------------------------
 
-    def matches(
-        self, name: str, labels: Mapping[str, str], resource: Mapping[str, str] | None = None
-    ) -> tuple[tuple[int, tuple[str, ...]], ...]:
-        """(limit index, group key without the tenant) for each limit a series falls under."""
+    def match_id(
+        self,
+        name: str,
+        labels: Mapping[str, str],
+        resource: Mapping[str, str] | None = None,
+    ) -> int:
+        """Which limits a series falls under, as a small int (0: none) that stands for its
+        (tenant from its labels or resource, ((limit index, group key), ...)) in `match_sets`:
+        series with the same one are grouped per request without hashing tuples per series.
+        A request header's tenant, when there is one, overrides the tenant here."""
+        t = self.tenancy
+        tenant = (
+            (labels.get(t.label) if t.label else None)
+            or (resource.get(t.resource_attribute) if t.resource_attribute and resource else None)
+            or t.default
+        )
         out = []
         for i in self.plan(name):
             lim = self.limits[i]
@@ -534,36 +550,66 @@ class LimitEngine:
             if lim.match.resource and not all_match(lim.match.resource, resource or {}):
                 continue
             out.append((i, tuple(labels.get(k, "") for k in lim.group_by if k != TENANT)))
-        return tuple(out)
+        if not out:
+            return 0
+        key = (tenant, tuple(out))
+        mid = self._match_ids.get(key)
+        if mid is None:
+            if len(self._match_ids) >= 1_000_000:  # a new generation: facts ask again
+                self._reset_matches()
+                self.generation += 1
+            mid = self._match_ids[key] = len(self.match_sets)
+            self.match_sets.append(key)
+        return mid
+
+    def _reset_matches(self) -> None:
+        self.match_sets: list[tuple[str, tuple[tuple[int, tuple[str, ...]], ...]]] = [("", ())]
+        self._match_ids: dict[tuple[Any, ...], int] = {("", ()): 0}
 
     def decide(
         self,
-        series: list[SeriesIn],
-        matches: list[tuple[tuple[int, tuple[str, ...]], ...]],
+        series: Series,
+        buckets: Mapping[int, list[int]],
         now_s: float,
+        *,
+        tenant: str = "",
+        fresh: Collection[int] | None = None,
     ) -> Decisions:
-        """Decide for a request's series (`matches[i]` from `matches()` for `series[i]`). The
-        request's series are counted first, so the request that crosses a limit is already
-        limited."""
+        """Decide for a request's series, given as positions per match_id; `tenant` (from a
+        request header) overrides the series' own. `fresh`: the positions of series not seen
+        yet in this window (None: all); only those are added to the trackers (adding a series
+        twice in a window changes nothing). The request's series are counted first, so the
+        request that crosses a limit is already limited."""
         d = Decisions()
         work: dict[tuple[int, tuple[str, ...]], list[int]] = {}
-        for i, m in enumerate(matches):
-            for li, gkey in m:
-                lim = self.limits[li]
-                if lim.uses_tenant:
-                    gkey = (*gkey, series[i].tenant)
-                work.setdefault((li, gkey), []).append(i)
+        sets = self.match_sets
+        for mid, idx in buckets.items():
+            own, matched = sets[mid]
+            for li, gkey in matched:
+                if self.limits[li].uses_tenant:
+                    gkey = (*gkey, tenant or own)
+                got = work.get((li, gkey))
+                if got is None:
+                    work[(li, gkey)] = idx
+                else:
+                    work[(li, gkey)] = got + idx
         if not work:
             return d
         index = int(now_s // self.window_s)
+        ids = series.ids
         by_limit: dict[int, list[tuple[Group, list[int]]]] = {}
         for (li, gkey), idx in work.items():
             lim = self.limits[li]
             g = self._group(lim, gkey, now_s)
             g.roll(index)
             g.attempted.roll(now_s)
-            g.attempted.add_hashes([series[i].id for i in idx])
-            points = sum(series[i].points for i in idx)
+            if fresh is None:
+                g.attempted.add_hashes([ids[i] for i in idx])
+            else:
+                new = [ids[i] for i in idx if i in fresh]
+                if new:
+                    g.attempted.add_hashes(new)
+            points = series.count(idx)
             g.points += points
             g.last_seen = now_s
             self.stats[lim.name].datapoints += points
@@ -683,18 +729,19 @@ class LimitEngine:
         g: Group,
         act: Act | None,
         idx: list[int],
-        series: list[SeriesIn],
+        series: Series,
         d: Decisions,
     ) -> None:
         tracks_admission = lim.adaptive is not None or any(
             t.act.kind == "drop_new" for t in lim.tiers
         )
         kind = act.kind if act is not None else None
+        ids = series.ids
         if kind is None or kind == "log":
             if tracks_admission:
-                g.admitted.update(series[i].id for i in idx)
+                g.admitted.update([ids[i] for i in idx])
             if kind == "log":
-                self._count(lim, "log", sum(series[i].points for i in idx), dry=True)
+                self._count(lim, "log", series.count(idx), dry=True)
             return
         dry = self.dry_run(lim)
         out: list[int] = []
@@ -704,7 +751,7 @@ class LimitEngine:
             admitted, before = g.admitted, g.admitted_before
             room = g.max_series - len(admitted | before) if g.max_series else 0
             for i in idx:
-                h = series[i].id
+                h = ids[i]
                 if h in admitted:
                     continue
                 if h in before:
@@ -716,19 +763,18 @@ class LimitEngine:
                     out.append(i)
         elif kind == "sample":
             cut = act.rate * 2**64
-            out = [i for i in idx if series[i].id >= cut]
+            out = [i for i in idx if ids[i] >= cut]
             if tracks_admission:
-                g.admitted.update(series[i].id for i in idx if series[i].id < cut)
+                g.admitted.update([ids[i] for i in idx if ids[i] < cut])
         elif kind == "strip":
             assert act is not None
             drop = act.labels
             points = 0
             for i in idx:
-                s = series[i]
-                labels = s.labels()
+                labels = dict(series.facts[i].pairs)
                 if not any(k in labels for k in drop):
                     continue
-                points += s.points
+                points += series.count((i,))
                 if not dry:
                     d.strip[i] = (lim, {k: v for k, v in labels.items() if k not in drop})
             if dry:
@@ -736,9 +782,9 @@ class LimitEngine:
             else:
                 self.stats[lim.name].stripped += points
         if tracks_admission and kind in ("strip",):
-            g.admitted.update(series[i].id for i in idx)
+            g.admitted.update([ids[i] for i in idx])
         if out:
-            points = sum(series[i].points for i in out)
+            points = series.count(out)
             g.dropped += points
             self._count(lim, kind, points, dry=dry)
             if not dry:
@@ -751,19 +797,19 @@ class LimitEngine:
                     d.annotate[i] = lim.name
 
     def _caps_of(
-        self, lim: Limit, idx: list[int], series: list[SeriesIn], index: int, d: Decisions
+        self, lim: Limit, idx: list[int], series: Series, index: int, d: Decisions
     ) -> None:
         caps = self._caps[lim.name]
         dry = self.dry_run(lim)
         for cap in lim.label_caps:
             for i in idx:
-                s = series[i]
-                value = dict(s.pairs).get(cap.label)
+                f = series.facts[i]
+                value = dict(f.pairs).get(cap.label)
                 if value is None or i in d.drop:
                     continue
-                c = caps.get((s.name, cap.label))
+                c = caps.get((f.name, cap.label))
                 if c is None:
-                    c = caps[(s.name, cap.label)] = _Cap()
+                    c = caps[(f.name, cap.label)] = _Cap()
                 if c.window != index:
                     c.before = c.now if c.window == index - 1 else set()
                     c.now, c.window = set(), index
@@ -772,15 +818,16 @@ class LimitEngine:
                 if value in c.before or len(c.now | c.before) < cap.max_values:
                     c.now.add(value)
                     continue
-                self._count(lim, f"label_cap_{cap.action}", s.points, dry=dry)
+                points = series.count((i,))
+                self._count(lim, f"label_cap_{cap.action}", points, dry=dry)
                 if dry:
                     continue
                 if cap.action == "drop":
                     d.drop.add(i)
-                    d.rejected += s.points
+                    d.rejected += points
                     d.strip.pop(i, None)
                 else:
-                    base = d.strip[i][1] if i in d.strip else s.labels()
+                    base = d.strip[i][1] if i in d.strip else dict(f.pairs)
                     labels = {k: v for k, v in base.items() if k != cap.label}
                     d.strip[i] = (lim, labels)
 

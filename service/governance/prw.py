@@ -59,16 +59,24 @@ def series_name(ts: TimeSeries) -> str:
     return ""
 
 
-def govern(engine: RuleEngine, data: bytes) -> Governed:
+def govern(
+    engine: RuleEngine,
+    data: bytes,
+    counts: prw_codec.Counts | None = None,
+    series: tuple[list[bytes], list[int]] | None = None,
+) -> Governed:
     """Validate a serialized WriteRequest (raises BadProtobuf) and run the rules over it.
+    `counts` (prw_codec.count) and `series` (the series' label bytes and hashes) when the
+    caller has them already, for the same `data`.
 
     Requests of single-sample float series (what Prometheus sends) take the cached path: each
     distinct series' route through the rules is decided once and found again by its serialized
     labels, so a known series costs a few dict and list operations, mostly in C. Anything else
     (native histograms, several samples in a series) is evaluated series by series."""
-    counts = prw_codec.count(data)
+    if counts is None:
+        counts = prw_codec.count(data)
     if not counts.histograms and counts.samples == counts.series:
-        governed = _govern_cached(engine, data, counts)
+        governed = _govern_cached(engine, data, counts, series)
         if governed is not None:
             return governed
     return govern_each(engine, data)
@@ -166,15 +174,26 @@ def _route(engine: RuleEngine, key: bytes) -> _Cached:
     return shared
 
 
-def _govern_cached(engine: RuleEngine, data: bytes, counts: prw_codec.Counts) -> Governed | None:
-    """The cached path; None when the request's series do not start with their labels (then
-    the caller evaluates each series)."""
+def series_keys(data: bytes) -> tuple[list[bytes], list[int]]:
+    """Each series' serialized labels and their hash (`series_hash`), in the request's order:
+    upb parses a labels-only view and serializes it back without the samples, all in C."""
     view = LabelsOnlyRequest.FromString(data)
     view.DiscardUnknownFields()
     keys = list(SeriesBytes.FromString(view.SerializeToString()).timeseries)
+    return keys, hash_many(keys)
+
+
+def _govern_cached(
+    engine: RuleEngine,
+    data: bytes,
+    counts: prw_codec.Counts,
+    series: tuple[list[bytes], list[int]] | None,
+) -> Governed | None:
+    """The cached path; None when the request's series do not start with their labels (then
+    the caller evaluates each series)."""
     # Keyed by a 64-bit hash of the labels, not the labels: a fraction of the memory per
     # series, and a collision needs ~4 billion series in the cache at once to become likely.
-    ids = hash_many(keys)
+    keys, ids = series if series is not None else series_keys(data)
     cache = engine.route_cache
     cached = list(map(cache.get, ids))
     if None in cached:

@@ -13,6 +13,7 @@ groups and logs groups that stop being limited.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import itertools
 import logging
@@ -31,7 +32,6 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 from service._proto.governor.prw_views_pb2 import (
     LabelsOnlyLabels,
-    LabelsOnlyRequest,
     MergedWriteRequest,
     SeriesBytes,
 )
@@ -41,9 +41,8 @@ from service.codec import prw as prw_codec
 from service.codec.errors import BadProtobuf
 from service.governance import otlp as otlp_gov
 from service.governance import prw as prw_gov
-from service.governance.cardinality import hash_many
 from service.governance.engine import RuleEngine, SeriesKey
-from service.governance.limits import Decisions, LimitEngine, SeriesIn
+from service.governance.limits import Decisions, LimitEngine, Series
 from service.governance.stats import Stats
 from service.governance.windows import Emitted
 from service.telemetry import logs
@@ -65,10 +64,10 @@ class Facts:
     name: str
     pairs: tuple[tuple[str, str], ...]  # its labels but `__name__`, interned
     group: tuple[str, ...] | None  # stats: its values of `stats.labels`
-    tenant: str  # from the tenancy label ("" when that label is not set)
     seen: int = -1  # stats: the window it was last counted in
-    limits: Any = None  # LimitEngine.matches(...) for `generation`
+    limits: int = 0  # LimitEngine.match_id(...) for `generation` (0: no limit applies)
     generation: int = -1
+    lseen: int = -1  # limits: the window it was last added to the limits' trackers in
 
     def labels(self) -> dict[str, str]:
         return dict(self.pairs)
@@ -77,6 +76,9 @@ class Facts:
 _NAME_OF = operator.attrgetter("name")
 _SEEN_OF = operator.attrgetter("seen")
 _GROUP_OF = operator.attrgetter("group")
+_GENERATION_OF = operator.attrgetter("generation")
+_LIMITS_OF = operator.attrgetter("limits")
+_LSEEN_OF = operator.attrgetter("lseen")
 
 
 class Governance:
@@ -102,7 +104,6 @@ class Governance:
         self._strings: dict[str, str] = {}
         self._pairs: dict[tuple[str, str], tuple[str, str]] = {}
         self._facts_labels: tuple[str, ...] = ()
-        self._tenant_label = ""
 
     @property
     def rules_active(self) -> bool:
@@ -122,13 +123,11 @@ class Governance:
         return self.limits.tenancy.header if self.limits_active else ""
 
     def _check_facts(self) -> None:
-        """Facts depend on the stats labels and the tenancy label: forget them if those
-        changed (a limits reload)."""
+        """Facts hold the stats labels' values: forget them if those labels changed."""
         labels = self.stats.labels if self.stats is not None else ()
-        tenant = self.limits.tenancy.label if self.limits is not None else ""
-        if (labels, tenant) != (self._facts_labels, self._tenant_label):
+        if labels != self._facts_labels:
             self.facts.clear()
-            self._facts_labels, self._tenant_label = labels, tenant
+            self._facts_labels = labels
 
     # ---- remote write ------------------------------------------------------------------------
 
@@ -140,6 +139,7 @@ class Governance:
         now_s = self.clock_ms() / 1000
         removed = 0
         changed = None
+        keys_ids = None
         if stats is not None and not stats.full and limits is None:
             names = _NAME_RE.findall(data) if single else None
             if names is not None and len(names) == counts.series:
@@ -149,11 +149,11 @@ class Governance:
                 stats.add_datapoints(_points_per_name(data), now_s)
         elif stats is not None or limits is not None:
             self._check_facts()
-            keys, ids = series_keys(data)
+            keys, ids = keys_ids = prw_gov.series_keys(data)
             facts = self._facts_of(keys, ids)
-            points = [1] * len(ids) if single else _points_per_series(data)
+            points = None if single else _points_per_series(data)
             if stats is not None:
-                self._count_prw(stats, facts, ids, points, single, now_s)
+                self._count_prw(stats, facts, ids, points, now_s)
             if limits is not None:
                 decided = self._limit(limits, facts, ids, points, tenant, now_s)
                 if decided.changed:
@@ -161,11 +161,12 @@ class Governance:
         if changed is not None:
             data = changed
             counts_after = prw_codec.count(data)
+            keys_ids = None
         else:
             counts_after = counts
         if self.rules_active:
             assert self.engine is not None
-            g = prw_gov.govern(self.engine, data)
+            g = prw_gov.govern(self.engine, data, counts_after, keys_ids)
             if changed is not None and g.data is None:
                 g = attrs.evolve(g, data=data)
             return attrs.evolve(
@@ -217,8 +218,7 @@ class Governance:
         group = None
         if self.stats is not None and self.stats.labels:
             group = tuple(self._intern(labels.get(k, "")) for k in self.stats.labels)
-        tenant = labels.get(self._tenant_label, "") if self._tenant_label else ""
-        return Facts(self._intern(name), pairs, group, tenant)
+        return Facts(self._intern(name), pairs, group)
 
     def _new_facts_prw(self, key: bytes) -> Facts:
         name = ""
@@ -235,12 +235,11 @@ class Governance:
         stats: Stats,
         facts: list[Facts],
         ids: list[int],
-        points: list[int],
-        single: bool,
+        points: list[int] | None,
         now_s: float,
     ) -> None:
         names = list(map(_NAME_OF, facts))
-        if single:
+        if points is None:
             stats.add_datapoints(collections.Counter(names), now_s)
         else:
             per: dict[str, int] = {}
@@ -252,7 +251,7 @@ class Governance:
         index = stats.index
         groups = list(map(_GROUP_OF, facts)) if stats.labels else None
         if groups is not None:
-            if single:
+            if points is None:
                 stats.add_group_datapoints(collections.Counter(groups), now_s)
             else:
                 per_g: dict[tuple[str, ...], int] = {}
@@ -287,36 +286,34 @@ class Governance:
         limits: LimitEngine,
         facts: list[Facts],
         ids: list[int],
-        points: list[int],
+        points: list[int] | None,
         tenant: str,
         now_s: float,
+        resources: list[dict[str, str] | None] | None = None,
     ) -> Decisions:
+        """The limits' decisions for a request's series. Per series only C-level list work,
+        but at a series' first sight after a limits change (which limits it falls under)."""
         gen = limits.generation
-        series: list[SeriesIn] = []
-        matches = []
-        index: list[int] = []
-        default = limits.tenancy.default
-        for i, f in enumerate(facts):
-            if f.generation != gen:
-                f.limits = limits.matches(f.name, f.labels())
-                f.generation = gen
-            if not f.limits:
-                continue
-            index.append(i)
-            matches.append(f.limits)
-            series.append(
-                SeriesIn(ids[i], f.name, f.pairs, points[i], tenant or f.tenant or default)
-            )
-        decided = limits.decide(series, matches, now_s)
-        if not decided.changed:
-            return decided
-        # Back from positions among the limited series to positions in the request.
-        return Decisions(
-            {index[i] for i in decided.drop},
-            {index[i]: v for i, v in decided.strip.items()},
-            {index[i]: v for i, v in decided.annotate.items()},
-            decided.rejected,
-        )
+        n = len(facts)
+        for i in itertools.compress(range(n), map(gen.__ne__, map(_GENERATION_OF, facts))):
+            f = facts[i]
+            resource = resources[i] if resources is not None else None
+            f.limits = limits.match_id(f.name, f.labels(), resource)
+            f.generation = gen
+        if gen != limits.generation:  # the match table filled up and started again
+            return self._limit(limits, facts, ids, points, tenant, now_s, resources)
+        mids = list(map(_LIMITS_OF, facts))
+        buckets = _positions_by(mids)
+        buckets.pop(0, None)
+        if not buckets:
+            return Decisions()
+        # Series not seen yet in this limits window: only those go into the trackers.
+        index = int(now_s // limits.window_s)
+        fresh = set(itertools.compress(range(n), map(index.__ne__, map(_LSEEN_OF, facts))))
+        for i in fresh:
+            facts[i].lseen = index
+        series = Series(ids, facts, points)
+        return limits.decide(series, buckets, now_s, tenant=tenant, fresh=fresh)
 
     def _apply_prw(
         self,
@@ -438,9 +435,6 @@ class Governance:
                             if len(self.facts) >= self.series_cache:
                                 self.facts.clear()
                             f = self.facts[h] = self._new_facts(m.name, pairs)
-                            if not f.tenant and limits is not None:
-                                attr = limits.tenancy.resource_attribute
-                                f.tenant = resource.get(attr, "") if attr else ""
                         entries.append((m, field, dp, resource, f, h))
         if stats is not None:
             stats.add_datapoints(per_name, now_s)
@@ -448,24 +442,15 @@ class Governance:
                 self._count_entries(stats, entries, now_s)
         if limits is None or not entries:
             return 0, False
-        gen = limits.generation
-        series, matches, index = [], [], []
-        default = limits.tenancy.default
-        for i, (_m, _field, _dp, resource, f, h) in enumerate(entries):
-            if f.generation != gen:
-                f.limits = limits.matches(f.name, f.labels(), resource)
-                f.generation = gen
-            if not f.limits:
-                continue
-            index.append(i)
-            matches.append(f.limits)
-            series.append(SeriesIn(h, f.name, f.pairs, 1, tenant or f.tenant or default))
-        d = limits.decide(series, matches, now_s)
+        facts = [e[4] for e in entries]
+        ids = [e[5] for e in entries]
+        resources = [e[3] for e in entries]
+        d = self._limit(limits, facts, ids, None, tenant, now_s, resources)
         if not d.changed:
             return 0, False
-        drop = {id(entries[index[i]][2]) for i in d.drop}
-        strip = {id(entries[index[i]][2]): (entries[index[i]], v) for i, v in d.strip.items()}
-        annotate = {id(entries[index[i]][2]): v for i, v in d.annotate.items()}
+        drop = {id(entries[i][2]) for i in d.drop}
+        strip = {id(entries[i][2]): (entries[i], v) for i, v in d.strip.items()}
+        annotate = {id(entries[i][2]): v for i, v in d.annotate.items()}
         now_ms = self.clock_ms()
         for rm in req.resource_metrics:
             for sm in rm.scope_metrics:
@@ -611,13 +596,21 @@ class Governance:
             await emit(rest)
 
 
-def series_keys(data: bytes) -> tuple[list[bytes], list[int]]:
-    """Each series' serialized labels and their hash (`series_hash`), in the request's order:
-    upb parses a labels-only view and serializes it back without the samples, all in C."""
-    view = LabelsOnlyRequest.FromString(data)
-    view.DiscardUnknownFields()
-    keys = list(SeriesBytes.FromString(view.SerializeToString()).timeseries)
-    return keys, hash_many(keys)
+def _positions_by(keys: list[int]) -> dict[int, list[int]]:
+    """Positions of each distinct key, in order, with C-level work: a stable sort of the
+    positions by key, then one slice per distinct key."""
+    if not keys:
+        return {}
+    first = keys[0]
+    n = len(keys)
+    if keys.count(first) == n:
+        return {first: list(range(n))}
+    order = sorted(range(n), key=keys.__getitem__)
+    ordered = list(map(keys.__getitem__, order))
+    out = {}
+    for k in set(keys):
+        out[k] = order[bisect.bisect_left(ordered, k) : bisect.bisect_right(ordered, k)]
+    return out
 
 
 def _points_per_series(data: bytes) -> list[int]:
