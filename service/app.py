@@ -131,7 +131,11 @@ class App:
         async with trio.open_nursery() as root:
             tel = await root.start(
                 serve_http,
-                TelemetryApp(self.metrics, self.health, self.cardinality),
+                TelemetryApp(
+                    self.metrics,
+                    self.health,
+                    self.cardinality if cfg.stats.level != "none" else None,
+                ),
                 hypercorn_config(cfg.telemetry.listen),
                 telemetry_done.wait,
             )

@@ -253,6 +253,44 @@ DESCRIPTIONS: dict[str, str] = {
     "series they relabel and 1-2 KB per series they sample or fold into windows; when full it "
     "is emptied and fills again. Size it to the number of active series: with fewer, series "
     "keep meeting the rules afresh (~30 µs each instead of ~1-3 µs).",
+    # ---- stats
+    "stats": "Statistics about what clients send, per metric name: datapoints, active series "
+    "and top label values, for `/metrics` and `/api/v1/cardinality` (docs/limits.md). Counted "
+    "before limits and rules, on both pipelines.",
+    "stats.level": "`none`: no stats. `basic`: datapoints per metric name (cheap). `full`: "
+    "also active series per metric, the most common values of each label, and series and "
+    "datapoints per combination of `labels`; costs CPU and memory per series (docs/limits.md, "
+    "*Stats*).",
+    "stats.labels": "`full` only: labels whose value combinations are counted as groups, e.g. "
+    "`[service, namespace]`; a series without one of them counts under an empty value. Empty: "
+    "no groups.",
+    "stats.window_s": "Length of a stats window. A series counts as active in the window it "
+    "was seen in and the next one, so a series that stops sending leaves the count within two "
+    "windows; datapoint counts cover the current and the previous window. Windows start at "
+    "multiples of this on the wall clock.",
+    "stats.top_k": "How many metrics (by series and by datapoints), label combinations and "
+    "limit groups `/metrics` shows, so governor's own series stay bounded whatever clients "
+    "send. Used by the limits' metrics too.",
+    "stats.exact_limit": "A series counter (per metric, per stats group, per limit group) "
+    "counts exactly up to this many series, then switches to a 16 KiB HyperLogLog sketch "
+    "(about 1 % error). Exact counting costs about 80 bytes per series, so a counter is "
+    "largest just below this number.",
+    "stats.max_metrics": "Most distinct metric names tracked (and, separately, label "
+    "combinations of `labels`). Names are never forgotten while governor runs; once full, "
+    "new names are counted together under `__other__`.",
+    "stats.max_label_values": "`full` only: most distinct values kept per label of a metric "
+    "for the top-values report; further values are left out of it.",
+    # ---- limits
+    "limits": "Cardinality and datapoint-rate limits, per group of series (docs/limits.md).",
+    "limits.file": "The limits file (YAML, docs/limits.md). Empty: no limits. Read at start (a "
+    "bad file stops the start) and again on SIGHUP (a bad file keeps the old limits).",
+    "limits.dry_run": "Run every limit in dry run, whatever the file says: groups are counted, "
+    "logged and reported as if the limits were enforced, and nothing is dropped, stripped or "
+    "labelled.",
+    "limits.series_cache": "Distinct series whose facts (name, labels, stats group, which "
+    "limits apply) are remembered, so a series seen before is not worked out again. Used with "
+    "`stats.level: full` or a limits file. About 0.3 KB per series; when full it is emptied "
+    "and fills again. Size it to the number of active series.",
 }
 
 # Keys whose meaning is the same in both pipelines: described once, under the PRW path.

@@ -487,6 +487,10 @@ class WindowedTracker:
                 self._count = round(union.count())
         return self._count
 
+    def current_count(self) -> int:
+        """Distinct series in the current window alone."""
+        return self._current.count()
+
     def memory_bytes(self) -> int:
         union = self._union.memory_bytes() if self._union is not None else 0
         return self._current.memory_bytes() + self._previous.memory_bytes() + union

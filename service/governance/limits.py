@@ -463,6 +463,7 @@ class LimitEngine:
         self._caps: dict[str, dict[tuple[str, str], _Cap]] = {}
         self._strips: dict[str, tuple[AggregateState, AggregateState]] = {}
         self._orphans: list[AggregateState] = []
+        self._next_prune = 0.0
         self.generation = 0
         self.apply(limitset)
 
@@ -634,10 +635,9 @@ class LimitEngine:
             if len(groups) >= self.max_groups:
                 self.prune(now_s, force=True)
             max_series, max_rate = lim.max_series, lim.max_datapoints_rate
-            labels = tuple(k for k in lim.group_by)
-            values = tuple(zip(labels, gkey, strict=False))
+            values = sorted(zip(group_names(lim), gkey, strict=True))
             for o in lim.overrides:
-                if tuple(sorted(o.group)) == tuple(sorted(values)):
+                if sorted(o.group) == values:
                     max_series, max_rate = o.max_series, o.max_datapoints_rate
             g = groups[gkey] = Group(
                 gkey,
@@ -669,26 +669,26 @@ class LimitEngine:
         return act
 
     def _pick_offenders(self, lim: Limit, now_s: float) -> None:
-        """Adaptive: when the limit's groups together attempt more series than `max_series`
-        in this window, the groups furthest above their fair share (max_series / groups) are
-        picked, the largest first, until what they hold above it covers the excess. They stay
-        picked until the window ends; the others are left alone."""
-        index = int(now_s // self.window_s)
-        groups = [g for g in self.groups[lim.name].values() if g.window == index]
-        current = {id(g): g.attempted.statistics().current for g in groups}
-        total = sum(current.values())
-        excess = total - lim.max_series
+        """Adaptive: when the limit's groups together attempt more active series than
+        `max_series`, the groups furthest above their fair share (max_series / active groups)
+        are picked, the largest first, until what they hold above it covers the excess. They
+        stay picked until the window ends, the others are left alone. Active series count the
+        previous window too, so an offender that keeps going is picked again at its first
+        request of the next window, and one that calmed down is let go then."""
+        groups = list(self.groups[lim.name].values())
+        counts = {id(g): g.attempted.count() for g in groups}
+        excess = sum(counts.values()) - lim.max_series
         if excess <= 0 or not groups:
             return
         fair = lim.max_series / len(groups)
-        covered = sum(current[id(g)] - fair for g in groups if g.offender)
-        for g in sorted(groups, key=lambda g: -current[id(g)]):
+        covered = sum(counts[id(g)] - fair for g in groups if g.offender)
+        for g in sorted(groups, key=lambda g: -counts[id(g)]):
             if covered >= excess:
                 break
-            if g.offender or current[id(g)] <= fair:
+            if g.offender or counts[id(g)] <= fair:
                 continue
             g.offender = True
-            covered += current[id(g)] - fair
+            covered += counts[id(g)] - fair
 
     def _note(self, lim: Limit, g: Group, act: Act | None, now_s: float) -> None:
         if act is not None and g.limited_since is None:
@@ -856,12 +856,16 @@ class LimitEngine:
 
     def prune(self, now_s: float, *, force: bool = False) -> None:
         """Forget groups not seen for two windows (all but the busiest half with `force`), and
-        log groups whose window ended while they were limited."""
+        log groups whose window ended while they were limited. A walk over every group: at
+        most every tenth of a window (and every second), unless `force`."""
+        if not force and now_s < self._next_prune:
+            return
+        self._next_prune = now_s + max(1.0, self.window_s / 10)
         index = int(now_s // self.window_s)
         for lim in self.limits:
             groups = self.groups[lim.name]
             for key, g in list(groups.items()):
-                if g.limited_since is not None and g.window < index and not g.offender:
+                if g.limited_since is not None and g.window < index - 1:
                     g.act = None
                     self._release(lim, g, now_s)
                 if now_s - g.last_seen > 2 * self.window_s:
@@ -883,9 +887,14 @@ class LimitEngine:
         return [(groups[keyed[text]], n) for text, n in best]
 
 
+def group_names(lim: Limit) -> list[str]:
+    """The labels of a group key, in its order: the group_by labels, then the tenant."""
+    return [k for k in lim.group_by if k != TENANT] + ([TENANT] if lim.uses_tenant else [])
+
+
 def group_text(lim: Limit, key: Iterable[str]) -> str:
     """A group as it appears in logs and metrics: `service=api,__tenant__=team-a`."""
-    names = [k for k in lim.group_by if k != TENANT] + ([TENANT] if lim.uses_tenant else [])
+    names = group_names(lim)
     return ",".join(f"{k}={v}" for k, v in zip(names, key, strict=False)) or "(all)"
 
 

@@ -51,9 +51,11 @@ log = logs.get("governance")
 
 NAME = "__name__"
 _COUNTER_SUFFIXES = ("_total", "_count", "_sum", "_bucket")
-# The metric name of each series, straight from the bytes: a TimeSeries' labels come first and
-# Prometheus sorts `__name__` first. Only trusted when it finds exactly one per series.
-_NAME_RE = re.compile(rb"\n\x08__name__\x12[\x01-\x7f]([a-zA-Z_:][a-zA-Z0-9_:]*)")
+# The metric name of each series, straight from the bytes, with its length byte: a `__name__`
+# label entry. Only trusted when it finds exactly one per series, and every name found is as
+# long as its length byte says (a name with other characters, Prometheus 3's UTF-8 names,
+# would be cut short; then the request is parsed instead).
+_NAME_RE = re.compile(rb"\n\x08__name__\x12([\x01-\x7f][a-zA-Z_:][a-zA-Z0-9_:]*)")
 _INTERN_MAX = 1_000_000
 
 
@@ -142,11 +144,12 @@ class Governance:
         keys_ids = None
         if stats is not None and not stats.full and limits is None:
             names = _NAME_RE.findall(data) if single else None
+            per_name = None
             if names is not None and len(names) == counts.series:
-                per_name = collections.Counter(names)  # counted as bytes, in C
-                stats.add_datapoints({k.decode(): n for k, n in per_name.items()}, now_s)
-            else:
-                stats.add_datapoints(_points_per_name(data), now_s)
+                found = collections.Counter(names)  # counted as bytes, in C
+                if all(k[0] == len(k) - 1 for k in found):
+                    per_name = {k[1:].decode(): n for k, n in found.items()}
+            stats.add_datapoints(per_name or _points_per_name(data), now_s)
         elif stats is not None or limits is not None:
             self._check_facts()
             keys, ids = keys_ids = prw_gov.series_keys(data)

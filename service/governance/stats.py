@@ -156,10 +156,14 @@ class Stats:
         if c is None or c.values is None:
             return {}
         out = {}
+        limit = self.cfg.max_label_values
         for label in sorted(set(c.values) | set(c.values_before or {})):
-            merged = dict((c.values_before or {}).get(label, {}))
-            for v, n in c.values.get(label, {}).items():
-                merged[v] = max(merged.get(v, 0), n)
+            merged = dict(c.values.get(label, {}))
+            for v, n in (c.values_before or {}).get(label, {}).items():
+                if v in merged:
+                    merged[v] = max(merged[v], n)
+                elif len(merged) < limit:  # the cap holds for both windows together
+                    merged[v] = n
             out[label] = (len(merged), [(v, int(n)) for v, n in top_k(merged, k)])
         return out
 
@@ -201,7 +205,7 @@ class Stats:
             "window_s": self.window_s,
             "metrics_tracked": len(self.metrics),
             "datapoints_total": self.datapoints,
-            "metrics": rows[:top] if not self.full else rows,
+            "metrics": rows[:top],
         }
         if self.full:
             out["series_total"] = sum(c.series() for c in self.metrics.values())

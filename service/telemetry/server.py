@@ -68,7 +68,7 @@ class TelemetryApp:
     async def _cardinality(self, scope: Scope, send: Send) -> None:
         query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
         raw = query.get("top", ["20"])[-1]
-        if not raw.isdigit() or not 1 <= int(raw) <= 10_000:
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 10_000:
             answer = {
                 "status": "error",
                 "error": f"top must be an integer from 1 to 10000, got {raw!r}",
