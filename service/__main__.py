@@ -141,6 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         except RulesError as e:
             print(f"governor: {cfg.rules.file}: {e}", file=sys.stderr)
             return 2
+    if cfg.limits.file:
+        from service.governance.limits import LimitsError, load_limits
+
+        try:
+            load_limits(Path(cfg.limits.file).read_text())
+        except LimitsError as e:
+            print(f"governor: {cfg.limits.file}: {e}", file=sys.stderr)
+            return 2
     if args.check_config:
         print("configuration is valid", file=sys.stderr)
         return 0

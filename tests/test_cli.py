@@ -79,6 +79,27 @@ shutdown_grace_s: -1
     )
 
 
+def test_check_config_checks_the_limits_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--check-config reads the limits file too: a bad one exits 2 with every problem, each
+    with the limit's name and the key's path; a good one passes."""
+    limits = tmp_path / "limits.yaml"
+    limits.write_text("limits:\n  - name: x\n    max_series: -1\n    bogus: 1\n")
+    path = write(tmp_path, VALID + f"limits:\n  file: {limits}\n")
+    assert main(["--check-config", "--config", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"governor: {limits}: invalid limits:\n"
+        "  limits[0] (x).max_series: must be >= 0\n"
+        "  limits[0] (x).bogus: unknown key\n"
+    )
+    limits.write_text("limits:\n  - {name: x, group_by: [service], max_series: 10}\n")
+    assert main(["--check-config", "--config", str(path)]) == 0
+    assert capsys.readouterr() == ("", "configuration is valid\n")
+
+
 def test_check_config_without_exporter(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A file without exporters in either pipeline, and no export flag, is invalid."""
     path = write(tmp_path, "log:\n  level: info\n")
