@@ -283,14 +283,16 @@ DESCRIPTIONS: dict[str, str] = {
     # ---- limits
     "limits": "Cardinality and datapoint-rate limits, per group of series (docs/limits.md).",
     "limits.file": "The limits file (YAML, docs/limits.md). Empty: no limits. Read at start (a "
-    "bad file stops the start) and again on SIGHUP (a bad file keeps the old limits).",
+    "bad file stops the start, every problem listed; `--check-config` checks it) and again on "
+    "SIGHUP (a bad file keeps the old limits).",
     "limits.dry_run": "Run every limit in dry run, whatever the file says: groups are counted, "
     "logged and reported as if the limits were enforced, and nothing is dropped, stripped or "
     "labelled.",
     "limits.series_cache": "Distinct series whose facts (name, labels, stats group, which "
     "limits apply) are remembered, so a series seen before is not worked out again. Used with "
-    "`stats.level: full` or a limits file. About 0.3 KB per series; when full it is emptied "
-    "and fills again. Size it to the number of active series.",
+    "`stats.level: full` or a limits file, per pipeline. About 0.3 to 0.6 KB per series (more "
+    "with many labels unique to the series); when full it is emptied and fills again. Size it "
+    "to the number of active series.",
 }
 
 # Keys whose meaning is the same in both pipelines: described once, under the PRW path.

@@ -270,7 +270,7 @@ def _limit(item: Any, where: str, problems: list[str]) -> Limit | None:
     annotate = _flag(r, "annotate", False)
     strip_interval = r.duration("strip_interval", _STRIP_INTERVAL_S)
     r.finish()
-    if not tiers and adaptive is None and not caps:
+    if not tiers and adaptive is None and not caps and len(problems) == before:
         problems.append(f"{where}: nothing to enforce: give an action, tiers or label_caps")
     if len(problems) > before:
         return None
@@ -291,28 +291,53 @@ def _limit(item: Any, where: str, problems: list[str]) -> Limit | None:
     )
 
 
+_QUOTA_KEYS = (
+    "max_series",
+    "max_datapoints_rate",
+    "action",
+    "tiers",
+    "sample",
+    "strip",
+    "adaptive",
+    "label_caps",
+    "dry_run",
+    "annotate",
+    "labels",
+    "strip_interval",
+)
+
+
 def _quotas(r: Reader, problems: list[str]) -> Limit | None:
-    """`quotas:` is a limit over every metric grouped by tenant, with per-tenant overrides."""
-    q = r.sub("quotas", required=False)
-    if q is None:
+    """`quotas:` is a limit over every metric grouped by tenant, with per-tenant overrides
+    under `tenants` (a tenant's own maximums)."""
+    raw = r.get("quotas")
+    if raw is None:
         return None
+    q = Reader(raw, "quotas", problems)
     item: dict[str, Any] = {"name": q.text("name", "tenant-quota"), "group_by": [TENANT]}
-    for key in ("max_series", "max_datapoints_rate", "action", "tiers", "sample", "strip"):
+    for key in _QUOTA_KEYS:
         if key in q.data:
             item[key] = q.get(key)
-    dry = q.get("dry_run")
-    if dry is not None:
-        item["dry_run"] = dry
     tenants = q.get("tenants", {})
     if not isinstance(tenants, Mapping):
         q.fail("expected a mapping of tenant to {max_series, max_datapoints_rate}", "tenants")
         tenants = {}
-    item["overrides"] = [
-        {"group": {TENANT: str(t)}, **(v if isinstance(v, Mapping) else {"max_series": v})}
-        for t, v in tenants.items()
-    ]
     q.finish()
-    return _limit(item, "quotas", problems)
+    limit = _limit(item, "quotas", problems)
+    overrides = []
+    for tenant, v in tenants.items():
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = {"max_series": v}  # `team-a: 5000` is short for its max_series
+        t = Reader(v, f"quotas.tenants.{tenant}", problems)
+        max_series = t.integer("max_series", limit.max_series if limit else 0, minimum=0)
+        rate = t.number("max_datapoints_rate", limit.max_datapoints_rate if limit else 0.0)
+        if rate < 0:
+            t.fail("must be >= 0", "max_datapoints_rate")
+        t.finish()
+        overrides.append(Override(((TENANT, str(tenant)),), max_series, rate))
+    if limit is None:
+        return None
+    return attrs.evolve(limit, overrides=(*limit.overrides, *overrides))
 
 
 def load_limits(text: str) -> LimitSet:
@@ -345,7 +370,13 @@ def load_limits(text: str) -> LimitSet:
         limit = _limit(item, f"limits[{i}]", problems)
         if limit is not None:
             limits.append(limit)
-    names = [lim.name for lim in limits]
+    # Names from the file as written, so a duplicate is reported even when one of the two
+    # limits has another problem.
+    names = [lim.name for lim in limits[:1] if quota is not None] + [
+        item["name"]
+        for item in raw
+        if isinstance(item, Mapping) and isinstance(item.get("name"), str) and item["name"]
+    ]
     for name in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"limits: two limits are named {name!r}")
     if problems:
@@ -675,8 +706,14 @@ class LimitEngine:
         stay picked until the window ends, the others are left alone. Active series count the
         previous window too, so an offender that keeps going is picked again at its first
         request of the next window, and one that calmed down is let go then."""
-        groups = list(self.groups[lim.name].values())
-        counts = {id(g): g.attempted.count() for g in groups}
+        groups = []
+        counts = {}
+        for g in self.groups[lim.name].values():
+            g.attempted.roll(now_s)  # a group that went quiet counts only what is still active
+            n = g.attempted.count()
+            if n:
+                groups.append(g)
+                counts[id(g)] = n
         excess = sum(counts.values()) - lim.max_series
         if excess <= 0 or not groups:
             return
@@ -873,6 +910,7 @@ class LimitEngine:
             if force and len(groups) >= self.max_groups:
                 keep = sorted(groups.values(), key=lambda g: -g.last_seen)[: self.max_groups // 2]
                 self.groups[lim.name] = {g.key: g for g in keep}
+                self.generation += 1  # series of forgotten groups are fresh again
             caps = self._caps[lim.name]
             for key, c in list(caps.items()):
                 if c.window < index - 1:

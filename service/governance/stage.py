@@ -69,7 +69,7 @@ class Facts:
     seen: int = -1  # stats: the window it was last counted in
     limits: int = 0  # LimitEngine.match_id(...) for `generation` (0: no limit applies)
     generation: int = -1
-    lseen: int = -1  # limits: the window it was last added to the limits' trackers in
+    lseen: tuple[int, str, int] = (-1, "", -1)  # limits: (window, header tenant, generation)
 
     def labels(self) -> dict[str, str]:
         return dict(self.pairs)
@@ -310,11 +310,12 @@ class Governance:
         buckets.pop(0, None)
         if not buckets:
             return Decisions()
-        # Series not seen yet in this limits window: only those go into the trackers.
-        index = int(now_s // limits.window_s)
-        fresh = set(itertools.compress(range(n), map(index.__ne__, map(_LSEEN_OF, facts))))
+        # Series not added yet in this window, for this request's tenant (it chooses the
+        # groups) and these limits: only those go into the trackers.
+        mark = (int(now_s // limits.window_s), tenant, limits.generation)
+        fresh = set(itertools.compress(range(n), map(mark.__ne__, map(_LSEEN_OF, facts))))
         for i in fresh:
-            facts[i].lseen = index
+            facts[i].lseen = mark
         series = Series(ids, facts, points)
         return limits.decide(series, buckets, now_s, tenant=tenant, fresh=fresh)
 
