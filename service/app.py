@@ -315,7 +315,8 @@ class App:
         pipeline; a bad one keeps the old rules and logs every problem. Returns success."""
         path = self.cfg.rules.file
         if not path:
-            logs.log(log, logging.INFO, "SIGHUP: no rules file configured; nothing to reload")
+            if not self.cfg.limits.file:
+                logs.log(log, logging.INFO, "SIGHUP: no rules or limits file; nothing to reload")
             return True
         try:
             ruleset = load_rules(Path(path).read_text())

@@ -735,6 +735,29 @@ def test_strip_takes_labels_off_and_re_aggregates_what_collapses(
     assert engine.stats["pods"].dropped == {}
 
 
+def test_stripped_gauges_combine_each_series_last_value_however_often_it_is_sent() -> None:
+    """A stripped gauge's window is the function over each folded series' last value in it:
+    p1 sending three times in one interval (1, 4, then 3) and p2 once (2) sum to 3 + 2, as
+    `sum without (pod)` reads at the interval's end, not to the sum of all points."""
+    clock = Clock(1_000)
+    gov, _ = governed(
+        """
+        limits:
+          - {name: pods, group_by: [service], max_series: 1, action: strip,
+             strip: {labels: [pod]}, strip_interval: 10s}
+        """,
+        clock,
+    )
+    for t, values in [
+        (1_000, {"mem{pod=p1,service=api}": 1.0, "mem{pod=p2,service=api}": 2.0}),
+        (4_000, {"mem{pod=p1,service=api}": 4.0}),
+        (7_000, {"mem{pod=p1,service=api}": 3.0}),
+    ]:
+        clock.ms = t
+        gov.prw(write_values(t, **values), "")
+    assert emitted(gov) == [("mem", {"service": "api"}, "gauge", [(10_000, 5.0)])]
+
+
 def test_a_stripped_series_without_the_labels_passes_unchanged() -> None:
     """Strip takes labels off the series that have them; a series of the same over-limit group
     without any of them is forwarded as it is."""
@@ -885,8 +908,8 @@ def test_a_label_cap_with_strip_takes_the_label_off_values_beyond_the_cap() -> N
     clock.ms = 31_000
     assert send(gov, users[5], *users[:3]) == users[:3]
     assert emitted(gov) == [("api_calls", {"route": "/x"}, "gauge", [(60_000, 1.0)])]
-    assert engine.stats["users"].dropped == {"label_cap_strip": 4}
-    assert engine.stats["users"].stripped == 0
+    assert engine.stats["users"].dropped == {}
+    assert engine.stats["users"].stripped == 4  # folded into the output, not lost
 
 
 # ---- overrides and quotas per tenant ---------------------------------------------------------
@@ -1089,10 +1112,11 @@ limits:
 
 def test_adaptive_drops_only_the_new_series_of_the_group_that_exceeds_the_budget() -> None:
     """max_series 3000 for the whole limit; services a, b and c with 100 series each. When a adds
-    3000 new series, only a is picked as the offender and only its new series are dropped: its
-    old ones keep flowing, b and c are complete. A group's size is its active series (the
-    current and the previous window, docs/limits.md *Adaptive*), so in the next window a's burst
-    still counts and a is picked again at its first request, new series still dropped; in the
+    3000 new series, only a is picked as the offender and only its new series beyond its fair
+    share (3000 / 3 groups = 1000 series) are dropped: its old ones keep flowing, 900 new ones
+    fill its share, b and c are complete. A group's size is its active series (the current and
+    the previous window, docs/limits.md *Adaptive*), so in the next window a's burst still
+    counts and a is picked again at its first request (its admitted series still pass); in the
     window after, the burst has aged out and a, sending calmly, gets new series admitted."""
     clock = Clock(1_000)
     gov, engine = governed(ADAPTIVE, clock, exact_limit=100_000)
@@ -1104,29 +1128,29 @@ def test_adaptive_drops_only_the_new_series_of_the_group_that_exceeds_the_budget
     new = many("req{{pod=n{i},service=a}}", 3000)
     data = write(*old["a"], *new, t=2_000)
     g = gov.prw(data, "")
-    assert forwarded(data, g) == old["a"]
-    assert g.removed == 3000
+    assert forwarded(data, g) == old["a"] + new[:900]
+    assert g.removed == 2100
     assert [groups[(s,)].offender for s in "abc"] == [True, False, False]
     assert groups[("a",)].act == Act("drop_new")
 
     clock.ms = 3_000
     assert send(gov, *old["b"], *old["c"]) == old["b"] + old["c"]
-    assert send(gov, *old["a"], *new) == old["a"]
-    assert engine.stats["adaptive"].dropped == {"drop_new": 6000}
+    assert send(gov, *old["a"], *new) == old["a"] + new[:900]
+    assert engine.stats["adaptive"].dropped == {"drop_new": 4200}
     assert [groups[(s,)].act for s in "abc"] == [Act("drop_new"), None, None]
 
     clock.ms = 61_000  # window 1: a's 3100 series of window 0 are still active
     assert send(gov, *old["b"], *old["c"]) == old["b"] + old["c"]
-    assert send(gov, *old["a"], *new[:200]) == old["a"]
+    assert send(gov, *old["a"], *new[:200], *new[1000:1100]) == old["a"] + new[:200]
     assert [groups[(s,)].offender for s in "abc"] == [True, False, False]
-    assert engine.stats["adaptive"].dropped == {"drop_new": 6200}
+    assert engine.stats["adaptive"].dropped == {"drop_new": 4300}
 
-    clock.ms = 121_000  # window 2: a holds 300 active series, the three together 500
+    clock.ms = 121_000  # window 2: a holds 400 active series, the three together 600
     assert send(gov, *old["b"], *old["c"]) == old["b"] + old["c"]
-    assert send(gov, *old["a"], *new[:200]) == old["a"] + new[:200]
+    assert send(gov, *old["a"], *new[1000:1200]) == old["a"] + new[1000:1200]
     assert [groups[(s,)].offender for s in "abc"] == [False, False, False]
     assert groups[("a",)].act is None
-    assert engine.stats["adaptive"].dropped == {"drop_new": 6200}
+    assert engine.stats["adaptive"].dropped == {"drop_new": 4300}
 
 
 def test_adaptive_counts_only_the_active_series_of_groups_that_went_quiet() -> None:

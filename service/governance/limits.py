@@ -13,6 +13,7 @@ the limit's name and the key's path, and a file with a problem never replaces a 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -31,7 +32,7 @@ from service.governance.rules import (
     read_match,
     template,
 )
-from service.governance.windows import AggregateState, Emitted
+from service.governance.windows import AggregateState, Emitted, _origin_key
 from service.telemetry import logs
 
 log = logs.get("limits")
@@ -403,6 +404,7 @@ class Group:
     usage: float = 0.0  # the last usage computed: attempted / limit (the larger of both)
     act: Act | None = None  # what applies now (None: nothing)
     offender: bool = False  # adaptive: picked as a top offender for this window
+    fair: int = 0  # adaptive: its fair share when it was picked
     limited_since: float | None = None  # when the group started being limited
     last_seen: float = 0.0
     dropped: int = 0  # datapoints dropped (or, dry run, that would have been) since it began
@@ -492,8 +494,8 @@ class LimitEngine:
         self.stats: dict[str, LimitStats] = {}
         self.groups: dict[str, dict[tuple[str, ...], Group]] = {}
         self._caps: dict[str, dict[tuple[str, str], _Cap]] = {}
-        self._strips: dict[str, tuple[AggregateState, AggregateState]] = {}
-        self._orphans: list[AggregateState] = []
+        self._strips: dict[str, tuple[AggregateState, _LastValues]] = {}
+        self._orphans: list[AggregateState | _LastValues] = []
         self._next_prune = 0.0
         self.generation = 0
         self.apply(limitset)
@@ -579,8 +581,10 @@ class LimitEngine:
             lim = self.limits[i]
             if not all_match(lim.match.labels, labels):
                 continue
-            if lim.match.resource and not all_match(lim.match.resource, resource or {}):
-                continue
+            if lim.match.resource and (
+                resource is None or not all_match(lim.match.resource, resource)
+            ):
+                continue  # remote-write series have no resource: resource matchers never hold
             out.append((i, tuple(labels.get(k, "") for k in lim.group_by if k != TENANT)))
         if not out:
             return 0
@@ -725,6 +729,7 @@ class LimitEngine:
             if g.offender or counts[id(g)] <= fair:
                 continue
             g.offender = True
+            g.fair = int(fair)
             covered += counts[id(g)] - fair
 
     def _note(self, lim: Limit, g: Group, act: Act | None, now_s: float) -> None:
@@ -786,14 +791,17 @@ class LimitEngine:
             out = idx
         elif kind == "drop_new":
             admitted, before = g.admitted, g.admitted_before
-            room = g.max_series - len(admitted | before) if g.max_series else 0
+            # An adaptive offender keeps admitting new series up to its fair share, so a group
+            # that arrived after the others filled the budget is cut back, not cut off.
+            cap = g.fair if lim.adaptive is not None else g.max_series
+            room = cap - len(admitted | before) if cap else 0
             for i in idx:
                 h = ids[i]
                 if h in admitted:
                     continue
                 if h in before:
                     admitted.add(h)
-                elif room > 0 and lim.adaptive is None:
+                elif room > 0:
                     admitted.add(h)
                     room -= 1
                 else:
@@ -856,7 +864,10 @@ class LimitEngine:
                     c.now.add(value)
                     continue
                 points = series.count((i,))
-                self._count(lim, f"label_cap_{cap.action}", points, dry=dry)
+                if cap.action == "drop" or dry:
+                    self._count(lim, f"label_cap_{cap.action}", points, dry=dry)
+                else:
+                    self.stats[lim.name].stripped += points
                 if dry:
                     continue
                 if cap.action == "drop":
@@ -875,7 +886,7 @@ class LimitEngine:
 
     # ---- re-aggregation of stripped series ----------------------------------------------------
 
-    def strip_state(self, lim: Limit, counter: bool) -> AggregateState:
+    def strip_state(self, lim: Limit, counter: bool) -> AggregateState | _LastValues:
         counters, gauges = self._strips.setdefault(lim.name, _strip_states(lim))
         return counters if counter else gauges
 
@@ -942,10 +953,89 @@ def _strips(lim: Limit) -> bool:
     )
 
 
-def _strip_states(lim: Limit) -> tuple[AggregateState, AggregateState]:
+class _LastValues:
+    """Stripped gauges: per output series and window, each input series' last value. A window
+    emits the strip's function over those values (with `sum`, what `sum without (labels)`
+    reads at the window's end), never over every point, so how often clients send does not
+    change the result."""
+
+    def __init__(self, interval_s: float, function: str, lateness_ms: int) -> None:
+        self.interval_ms = max(1, int(interval_s * 1000))
+        self.function = function
+        self.lateness_ms = lateness_ms
+        self._windows: dict[int, dict[Any, tuple[str, dict[str, str], Any, dict[Any, Any]]]] = {}
+        self._flushed_to = -1
+        self.late = 0
+
+    def group_of(
+        self, name: str, labels: dict[str, str], origin: Any = None
+    ) -> tuple[dict[str, str], Any]:
+        key = (name, tuple(sorted(labels.items())), _origin_key(origin))
+        return labels, key
+
+    def add_one(
+        self,
+        series_key: Any,
+        name: str,
+        grouped: tuple[dict[str, str], Any],
+        counter: bool,
+        ts: int,
+        value: float,
+        now_ms: int,
+        origin: Any = None,
+    ) -> None:
+        if value != value:
+            return
+        start = ts - ts % self.interval_ms
+        if start < self._flushed_to:
+            self.late += 1
+            return
+        labels, gkey = grouped
+        groups = self._windows.setdefault(start, {})
+        g = groups.get(gkey)
+        if g is None:
+            g = groups[gkey] = (name, labels, origin, {})
+        last = g[3].get(series_key)
+        if last is None or ts >= last[0]:
+            g[3][series_key] = (ts, value)
+
+    def due(self, now_ms: int, *, force: bool = False) -> list[Emitted]:
+        out = []
+        for start in sorted(self._windows):
+            end = start + self.interval_ms
+            if not force and now_ms < end + self.lateness_ms:
+                break
+            self._flushed_to = end
+            for name, labels, origin, last in self._windows.pop(start).values():
+                values = [v for _, v in last.values()]
+                out.append(
+                    Emitted(name, labels, "gauge", [(end, _apply(self.function, values))], origin)
+                )
+        return out
+
+
+def _apply(function: str, values: list[float]) -> float:
+    if function == "sum":
+        return math.fsum(values)
+    if function == "avg":
+        return math.fsum(values) / len(values)
+    if function == "min":
+        return min(values)
+    if function == "max":
+        return max(values)
+    if function == "count":
+        return float(len(values))
+    if function == "stddev":
+        mean = math.fsum(values) / len(values)
+        return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / len(values))
+    return values[-1]  # last
+
+
+def _strip_states(lim: Limit) -> tuple[AggregateState, _LastValues]:
     """Where a limit's stripped series are re-aggregated: counters by their increases into a
     running total (so the output is a counter that never goes back), gauges by the strip's
-    function; both under the input's name, over `strip_interval`."""
+    function over each input series' last value; both under the input's name, over
+    `strip_interval`."""
     function = "sum"
     for act in [t.act for t in lim.tiers] + ([lim.adaptive] if lim.adaptive else []):
         if act.kind == "strip":
@@ -954,7 +1044,6 @@ def _strip_states(lim: Limit) -> tuple[AggregateState, AggregateState]:
     counters = Aggregate(
         lim.strip_interval_s, None, (), ("sum",), name, "counter", "counter", False, 600.0
     )
-    gauges = Aggregate(
-        lim.strip_interval_s, None, (), (function,), name, "gauge", "gauge", False, 600.0
+    return AggregateState(counters, _LATENESS_MS), _LastValues(
+        lim.strip_interval_s, function, _LATENESS_MS
     )
-    return AggregateState(counters, _LATENESS_MS), AggregateState(gauges, _LATENESS_MS)

@@ -58,6 +58,13 @@ class Stats:
         index = int(now_s // self.window_s)
         if index != self.index:
             step = index == self.index + 1
+            for table in (self.metrics, self.groups):
+                # Names and combinations with nothing in either window are forgotten, so
+                # max_metrics bounds what is active, not what was ever seen.
+                for key in [k for k, c in table.items() if not c.window and not c.before]:
+                    c = table[key]
+                    if c.tracker is None or not c.tracker.count():
+                        del table[key]
             for c in (*self.metrics.values(), *self.groups.values()):
                 c.before = c.window if step else 0
                 c.window = 0

@@ -81,7 +81,8 @@ class Metrics:
         )
         self.config_reloads = Counter(
             "governor_config_reloads_total",
-            "Reloads of the rules file on SIGHUP, by result (success, failure).",
+            "Reloads of the rules or limits file on SIGHUP (one per file), by result (success, "
+            "failure).",
             ["result"],
             registry=r,
         )
