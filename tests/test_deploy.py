@@ -15,6 +15,7 @@ import yaml
 
 from service import __main__ as cli
 from service.config import Config, config_from_dict, load_yaml, parse_listen
+from service.governance.limits import load_limits
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -152,6 +153,25 @@ def test_deploy_configs_pass_check_config(path: Path, capsys: pytest.CaptureFixt
     deploy/compose/governor.yaml."""
     assert cli.main(["--check-config", "--config", str(path)]) == 0
     assert capsys.readouterr().err == "configuration is valid\n"
+
+
+def test_deploy_limits_example_passes_check_config_in_dry_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """deploy/limits.yaml, the example deploy/governor.yaml points at in a comment, is a valid
+    limits file that starts in dry run: uncommenting it cannot drop anything by surprise."""
+    text = (DEPLOY / "governor.yaml").read_text()
+    assert "# limits:\n#   file: deploy/limits.yaml\n" in text
+    config = tmp_path / "governor.yaml"
+    config.write_text(
+        text.replace(
+            "# limits:\n#   file: deploy/limits.yaml\n",
+            "limits:\n  file: " + str(DEPLOY / "limits.yaml") + "\n",
+        )
+    )
+    assert cli.main(["--check-config", "--config", str(config)]) == 0
+    assert capsys.readouterr().err == "configuration is valid\n"
+    assert load_limits((DEPLOY / "limits.yaml").read_text()).dry_run is True
 
 
 # ---- systemd ----------------------------------------------------------------------------------
