@@ -13,7 +13,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import trio
@@ -34,7 +34,7 @@ from service.governance import otlp as governance_otlp
 from service.governance import prw as governance_prw
 from service.governance.activity import LimitCollector, RuleCollector, StatsCollector
 from service.governance.engine import RuleEngine, wall_clock_ms
-from service.governance.limits import LimitEngine, LimitsError, LimitSet, load_limits
+from service.governance.limits import LimitEngine, LimitSet, load_limits
 from service.governance.rules import RulesError, RuleSet, load_rules
 from service.governance.stage import Governance
 from service.governance.stats import Stats
@@ -54,6 +54,7 @@ from service.telemetry.health import Health
 from service.telemetry.metrics import Metrics
 from service.telemetry.server import TelemetryApp
 
+T = TypeVar("T")
 log = logs.get("app")
 
 
@@ -313,61 +314,55 @@ class App:
     def reload_rules(self) -> bool:
         """Read the rules file again (SIGHUP). A valid file replaces the rules of every
         pipeline; a bad one keeps the old rules and logs every problem. Returns success."""
-        path = self.cfg.rules.file
-        if not path:
-            if not self.cfg.limits.file:
-                logs.log(log, logging.INFO, "SIGHUP: no rules or limits file; nothing to reload")
-            return True
-        try:
-            ruleset = load_rules(Path(path).read_text())
-        except (OSError, RulesError) as e:
-            problems = e.problems if isinstance(e, RulesError) else [f"{path}: {e}"]
-            self.metrics.config_reloads.labels("failure").inc()
-            for problem in problems:
-                logs.log(log, logging.ERROR, "rules reload refused", file=path, problem=problem)
-            logs.log(
-                log,
-                logging.ERROR,
-                "rules reload failed; the old rules stay active",
-                file=path,
-                problems=len(problems),
-            )
-            return False
+        if not self.cfg.rules.file and not self.cfg.limits.file:
+            logs.log(log, logging.INFO, "SIGHUP: no rules or limits file; nothing to reload")
+        ruleset = self._read("rules", self.cfg.rules.file, load_rules)
+        if ruleset is None:
+            return not self.cfg.rules.file
         self.ruleset = ruleset
         for p in self.pipelines:
             if p.engine is not None:
                 p.engine.reload(ruleset)
-        self.metrics.config_reloads.labels("success").inc()
-        logs.log(log, logging.INFO, "rules reloaded", file=path, rules=len(ruleset.rules))
+        self._reloaded("rules", rules=len(ruleset.rules))
         return True
 
     def reload_limits(self) -> bool:
         """Read the limits file again (SIGHUP), like reload_rules. Returns success."""
-        path = self.cfg.limits.file
-        if not path:
-            return True
-        try:
-            limitset = load_limits(Path(path).read_text())
-        except (OSError, LimitsError) as e:
-            problems = e.problems if isinstance(e, LimitsError) else [f"{path}: {e}"]
-            self.metrics.config_reloads.labels("failure").inc()
-            for problem in problems:
-                logs.log(log, logging.ERROR, "limits reload refused", file=path, problem=problem)
-            logs.log(
-                log,
-                logging.ERROR,
-                "limits reload failed; the old limits stay active",
-                file=path,
-                problems=len(problems),
-            )
-            return False
+        limitset = self._read("limits", self.cfg.limits.file, load_limits)
+        if limitset is None:
+            return not self.cfg.limits.file
         self.limitset = limitset
         for g in self.governance:
             if g.limits is not None:
                 g.limits.apply(limitset)
-        self.metrics.config_reloads.labels("success").inc()
-        logs.log(log, logging.INFO, "limits reloaded", file=path, limits=len(limitset.limits))
+        self._reloaded("limits", limits=len(limitset.limits))
         return True
+
+    def _read(self, what: str, path: str, load: Callable[[str], T]) -> T | None:
+        """A rules or limits file, loaded and validated; None without one, or when it cannot
+        be read or has problems (each logged, and the reload counted as a failure)."""
+        if not path:
+            return None
+        try:
+            return load(Path(path).read_text())
+        except (OSError, RulesError) as e:  # LimitsError is a RulesError
+            problems = e.problems if isinstance(e, RulesError) else [f"{path}: {e}"]
+            self.metrics.config_reloads.labels("failure").inc()
+            for problem in problems:
+                logs.log(log, logging.ERROR, f"{what} reload refused", file=path, problem=problem)
+            logs.log(
+                log,
+                logging.ERROR,
+                f"{what} reload failed; the old {what} stay active",
+                file=path,
+                problems=len(problems),
+            )
+            return None
+
+    def _reloaded(self, what: str, **counts: int) -> None:
+        self.metrics.config_reloads.labels("success").inc()
+        path = self.cfg.rules.file if what == "rules" else self.cfg.limits.file
+        logs.log(log, logging.INFO, f"{what} reloaded", file=path, **counts)
 
     async def _start_receivers(
         self,
