@@ -273,11 +273,11 @@ DESCRIPTIONS: dict[str, str] = {
     "send. Used by the limits' metrics too.",
     "stats.exact_limit": "A series counter (per metric, per stats group, per limit group) "
     "counts exactly up to this many series, then switches to a 16 KiB HyperLogLog sketch "
-    "(about 1 % error). Exact counting costs about 80 bytes per series, so a counter is "
-    "largest just below this number.",
+    "(about 1 % error). Exact counting costs 8 bytes per series and window (a sorted "
+    "array of hashes), so a counter holds at most about 16 KB while exact.",
     "stats.max_metrics": "Most distinct metric names tracked (and, separately, label "
-    "combinations of `labels`). Names are never forgotten while governor runs; once full, "
-    "new names are counted together under `__other__`.",
+    "combinations of `labels`). A name with nothing in two windows is forgotten; while "
+    "the table is full, new names are counted together under `__other__`.",
     "stats.max_label_values": "`full` only: most distinct values kept per label of a metric "
     "for the top-values report; further values are left out of it.",
     # ---- limits
@@ -291,8 +291,8 @@ DESCRIPTIONS: dict[str, str] = {
     "limits.series_cache": "Distinct series whose facts (name, labels, stats group, which "
     "limits apply) are remembered, so a series seen before is not worked out again. Used with "
     "`stats.level: full` or a limits file, per pipeline. About 0.3 to 0.6 KB per series (more "
-    "with many labels unique to the series); when full it is emptied and fills again. Size it "
-    "to the number of active series.",
+    "with many labels unique to the series); when full it forgets its older half and logs a "
+    "warning. Size it to the number of active series.",
 }
 
 # Keys whose meaning is the same in both pipelines: described once, under the PRW path.

@@ -334,6 +334,25 @@ def test_full_counts_active_series_per_metric_exactly() -> None:
     assert g.stats.report(3)["series_total"] == 610
 
 
+def test_a_full_series_cache_forgets_its_older_half_and_counts_stay_exact(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With more active series than limits.series_cache, the facts cache forgets its older half
+    each time it fills (not everything), series counts stay exact (the trackers, not the cache,
+    hold them), and a rate-limited warning says to raise the cache."""
+    g = governed(level="full")
+    g.gov.series_cache = 40
+    for _ in range(3):
+        g.prw(*pods("up", 100))
+        g.clock.advance(10)
+    assert series_of(g.stats) == {"up": 100}
+    assert datapoints_of(g.stats) == {"up": 300}
+    assert 20 <= len(g.gov.facts) <= 40
+    assert g.gov.evictions > 0
+    warnings = [r for r in caplog.records if "series cache is full" in r.getMessage()]
+    assert len(warnings) == 1
+
+
 def test_full_counts_a_series_once_per_window_however_often_it_is_sent() -> None:
     """A series sent many times in one window is one series (and one series behind each of
     its label values), while each of its datapoints counts."""
@@ -475,6 +494,22 @@ def test_names_past_max_metrics_count_under_other(level: str) -> None:
             (OTHER,): (9, 9),
         }
         assert g.stats.top_values(OTHER, 5) == {}
+
+
+@pytest.mark.parametrize("level", ["basic", "full"])
+def test_names_idle_for_two_windows_are_forgotten_and_make_room(level: str) -> None:
+    """A name with no datapoints (and, full, no active series) in the current and previous
+    window is forgotten at the next window, so max_metrics bounds the names active lately and a
+    new name then counts as itself, not under __other__."""
+    g = governed(level=level, max_metrics=2)
+    g.prw(*pods("a", 1), *pods("b", 1))
+    g.clock.advance(WINDOW_S)
+    g.prw(*pods("b", 1))
+    g.clock.advance(WINDOW_S)
+    g.prw(*pods("b", 1))  # a: nothing in the previous window nor this one
+    g.clock.advance(WINDOW_S)
+    g.prw(*pods("c", 1))
+    assert datapoints_of(g.stats) == {"b": 3, "c": 1}
 
 
 def test_label_values_past_max_label_values_are_not_kept() -> None:

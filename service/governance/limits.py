@@ -20,7 +20,7 @@ from typing import Any
 import attrs
 import yaml
 
-from service.governance.cardinality import WindowedTracker, top_k
+from service.governance.cardinality import SortedHashes, WindowedTracker, top_k
 from service.governance.rules import (
     GAUGE_FUNCTIONS,
     LABEL_NAME_RE,
@@ -399,8 +399,10 @@ class Group:
     window: int = -1  # the window index `points` and `admitted` belong to
     points: int = 0  # datapoints attempted in the current window
     points_before: int = 0  # ... in the previous one
-    admitted: set[int] = attrs.field(factory=set)  # series let through, current window
-    admitted_before: set[int] = attrs.field(factory=set)  # ... previous window
+    # Series let through (drop_new and adaptive limits), current and previous window.
+    admitted: SortedHashes = attrs.field(factory=SortedHashes)
+    admitted_before: SortedHashes = attrs.field(factory=SortedHashes)
+    refused: bool = False  # a series was refused admission in the current window
     usage: float = 0.0  # the last usage computed: attempted / limit (the larger of both)
     act: Act | None = None  # what applies now (None: nothing)
     offender: bool = False  # adaptive: picked as a top offender for this window
@@ -415,10 +417,11 @@ class Group:
         if index == self.window + 1:
             self.points_before, self.admitted_before = self.points, self.admitted
         else:
-            self.points_before, self.admitted_before = 0, set()
-        self.points, self.admitted = 0, set()
+            self.points_before, self.admitted_before = 0, SortedHashes()
+        self.points, self.admitted = 0, SortedHashes()
         self.window = index
         self.offender = False
+        self.refused = False
 
 
 @attrs.define(eq=False)
@@ -658,7 +661,7 @@ class LimitEngine:
                 self._usage(lim, g, now_s)
                 act = self._act_of(lim, g)
                 self._note(lim, g, act, now_s)
-                self._enforce(lim, g, act, idx, series, d)
+                self._enforce(lim, g, act, idx, series, d, fresh)
             if lim.label_caps:
                 self._caps_of(lim, [i for _, idx in entries for i in idx], series, index, d)
         return d
@@ -773,15 +776,19 @@ class LimitEngine:
         idx: list[int],
         series: Series,
         d: Decisions,
+        fresh: Collection[int] | None,
     ) -> None:
         tracks_admission = lim.adaptive is not None or any(
             t.act.kind == "drop_new" for t in lim.tiers
         )
         kind = act.kind if act is not None else None
         ids = series.ids
+        # Who to admit when letting every series through: those not seen yet in this window
+        # (the others were admitted at their first sight), unless some were refused then.
+        admit = idx if fresh is None or g.refused else [i for i in idx if i in fresh]
         if kind is None or kind == "log":
-            if tracks_admission:
-                g.admitted.update([ids[i] for i in idx])
+            if tracks_admission and admit:
+                g.admitted.update([ids[i] for i in admit])
             if kind == "log":
                 self._count(lim, "log", series.count(idx), dry=True)
             return
@@ -794,7 +801,7 @@ class LimitEngine:
             # An adaptive offender keeps admitting new series up to its fair share, so a group
             # that arrived after the others filled the budget is cut back, not cut off.
             cap = g.fair if lim.adaptive is not None else g.max_series
-            room = cap - len(admitted | before) if cap else 0
+            room = cap - admitted.union_len(before) if cap else 0
             for i in idx:
                 h = ids[i]
                 if h in admitted:
@@ -810,7 +817,7 @@ class LimitEngine:
             cut = act.rate * 2**64
             out = [i for i in idx if ids[i] >= cut]
             if tracks_admission:
-                g.admitted.update([ids[i] for i in idx if ids[i] < cut])
+                g.admitted.update([ids[i] for i in admit if ids[i] < cut])
         elif kind == "strip":
             assert act is not None
             drop = act.labels
@@ -826,8 +833,10 @@ class LimitEngine:
                 self._count(lim, "strip", points, dry=True)
             else:
                 self.stats[lim.name].stripped += points
-        if tracks_admission and kind in ("strip",):
-            g.admitted.update([ids[i] for i in idx])
+        if tracks_admission and kind == "strip":
+            g.admitted.update([ids[i] for i in admit])
+        if out and kind in ("drop_new", "sample", "drop"):
+            g.refused = True
         if out:
             points = series.count(out)
             g.dropped += points

@@ -103,6 +103,8 @@ class Governance:
         self.clock_ms = clock_ms
         self.series_cache = series_cache
         self.facts: dict[int, Facts] = {}
+        self.evictions = 0  # times the facts cache was full and its older half forgotten
+        self._warn = logs.RateLimited(log, 60.0)
         self._strings: dict[str, str] = {}
         self._pairs: dict[tuple[str, str], tuple[str, str]] = {}
         self._facts_labels: tuple[str, ...] = ()
@@ -196,9 +198,25 @@ class Governance:
             for i, f in enumerate(facts):
                 if f is None:
                     if len(cache) >= self.series_cache:
-                        cache.clear()
+                        self._evict()
                     facts[i] = cache[ids[i]] = self._new_facts_prw(keys[i])
         return facts  # type: ignore[return-value]
+
+    def _evict(self) -> None:
+        """Make room in the facts cache: forget the older half of it (dicts keep insertion
+        order), and say so. A series forgotten while active is worked out again at its next
+        sight, and counts again in the stats' label values of the window."""
+        cache = self.facts
+        for key in list(itertools.islice(cache, len(cache) // 2 or 1)):
+            del cache[key]
+        self.evictions += 1
+        self._warn.warning(
+            "series_cache",
+            "the series cache is full: stats and limits work out series afresh; raise "
+            "limits.series_cache above the active series",
+            pipeline=self.pipeline,
+            series_cache=self.series_cache,
+        )
 
     def _intern(self, s: str) -> str:
         got = self._strings.get(s)
@@ -437,7 +455,7 @@ class Governance:
                         f = self.facts.get(h)
                         if f is None:
                             if len(self.facts) >= self.series_cache:
-                                self.facts.clear()
+                                self._evict()
                             f = self.facts[h] = self._new_facts(m.name, pairs)
                         entries.append((m, field, dp, resource, f, h))
         if stats is not None:
