@@ -20,7 +20,7 @@ import logging
 import operator
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import trio
@@ -48,6 +48,7 @@ from service.governance.windows import Emitted
 from service.telemetry import logs
 
 log = logs.get("governance")
+K = TypeVar("K")
 
 NAME = "__name__"
 _COUNTER_SUFFIXES = ("_total", "_count", "_sum", "_bucket")
@@ -78,6 +79,7 @@ class Facts:
 _NAME_OF = operator.attrgetter("name")
 _SEEN_OF = operator.attrgetter("seen")
 _GROUP_OF = operator.attrgetter("group")
+_PAIRS_OF = operator.attrgetter("pairs")
 _GENERATION_OF = operator.attrgetter("generation")
 _LIMITS_OF = operator.attrgetter("limits")
 _LSEEN_OF = operator.attrgetter("lseen")
@@ -283,24 +285,18 @@ class Governance:
         fresh = list(itertools.compress(range(len(facts)), map(index.__ne__, map(_SEEN_OF, facts))))
         if not fresh:
             return
-        by_name: dict[str, list[int]] = {}
-        by_group: dict[tuple[str, ...], list[int]] = {}
         for i in fresh:
-            f = facts[i]
-            f.seen = index
-            h = ids[i]
-            got = by_name.get(f.name)
-            if got is None:
-                by_name[f.name] = [h]
-            else:
-                got.append(h)
-            stats.add_label_values(f.name, f.pairs)
-            if f.group is not None:
-                by_group.setdefault(f.group, []).append(h)
-        for name, hashes in by_name.items():
-            stats.add_series(name, hashes, now_s)
-        for gk, hashes in by_group.items():
-            stats.add_group_series(gk, hashes, now_s)
+            facts[i].seen = index
+        fresh_facts = list(map(facts.__getitem__, fresh))
+        fresh_ids = list(map(ids.__getitem__, fresh))
+        for name, pos in _positions_by(list(map(_NAME_OF, fresh_facts))).items():
+            stats.add_series(name, list(map(fresh_ids.__getitem__, pos)), now_s)
+            # Every label pair of the metric's new series, counted in C.
+            pairs = itertools.chain.from_iterable(map(_PAIRS_OF, map(fresh_facts.__getitem__, pos)))
+            stats.add_label_values(name, collections.Counter(pairs))
+        if stats.labels:
+            for gk, pos in _positions_by(list(map(_GROUP_OF, fresh_facts))).items():
+                stats.add_group_series(gk, list(map(fresh_ids.__getitem__, pos)), now_s)
 
     def _limit(
         self,
@@ -564,7 +560,7 @@ class Governance:
                 continue
             f.seen = index
             by_name.setdefault(f.name, []).append(h)
-            stats.add_label_values(f.name, f.pairs)
+            stats.add_label_values(f.name, collections.Counter(f.pairs))
             if f.group is not None:
                 by_group.setdefault(f.group, []).append(h)
         if per_group:
@@ -618,7 +614,7 @@ class Governance:
             await emit(rest)
 
 
-def _positions_by(keys: list[int]) -> dict[int, list[int]]:
+def _positions_by(keys: list[K]) -> dict[K, list[int]]:
     """Positions of each distinct key, in order, with C-level work: a stable sort of the
     positions by key, then one slice per distinct key."""
     if not keys:

@@ -9,7 +9,7 @@ pass the time in.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -124,25 +124,26 @@ class Stats:
         if c.tracker is not None:
             c.tracker.add_hashes(hashes)
 
-    def add_label_values(self, name: str, pairs: Iterable[tuple[str, str]]) -> None:
-        """The labels of one series of `name` seen for the first time in this window (full):
-        counts series per label value, for the top values per metric."""
+    def add_label_values(self, name: str, pairs: Mapping[tuple[str, str], int]) -> None:
+        """The label pairs of series of `name` seen for the first time in this window, each
+        with how many such series have it (full): counts series per label value, for the top
+        values per metric."""
         c = self.metrics.get(name)
         if c is None or c.values is None:
             return
         limit = self.cfg.max_label_values
         values = c.values
-        for k, v in pairs:
+        for (k, v), n in pairs.items():
             per = values.get(k)
             if per is None:
                 per = values[k] = {}
-            n = per.get(v)
-            if n is not None:
-                per[v] = n + 1
+            got = per.get(v)
+            if got is not None:
+                per[v] = got + n
             elif len(per) < limit:
-                per[v] = 1
+                per[v] = n
             else:
-                c.values_dropped += 1
+                c.values_dropped += n
 
     # ---- reading -----------------------------------------------------------------------------
 
