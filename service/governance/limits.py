@@ -644,7 +644,7 @@ class LimitEngine:
             g.attempted.roll(now_s)
             if fresh is None:
                 g.attempted.add_hashes([ids[i] for i in idx])
-            else:
+            elif fresh:  # in steady state no series is new in the window: nothing to add
                 new = [ids[i] for i in idx if i in fresh]
                 if new:
                     g.attempted.add_hashes(new)
@@ -785,7 +785,10 @@ class LimitEngine:
         ids = series.ids
         # Who to admit when letting every series through: those not seen yet in this window
         # (the others were admitted at their first sight), unless some were refused then.
-        admit = idx if fresh is None or g.refused else [i for i in idx if i in fresh]
+        if fresh is None or g.refused:
+            admit = idx
+        else:
+            admit = [i for i in idx if i in fresh] if fresh else []
         if kind is None or kind == "log":
             if tracks_admission and admit:
                 g.admitted.update([ids[i] for i in admit])
