@@ -46,10 +46,10 @@ _MAX_PRECISION = 18  # 256 KiB of registers
 # the limit before the tracker switches to a sketch.
 _CHUNK = 4096
 _ALPHA_INF = 1 / (2 * math.log(2))
-# SortedHashes merges what was added into its array once that is a sixteenth of it (and more
-# than a few); a batch at least an eighth of it is merged at once.
-_MERGE_SHARE = 16
-_MERGE_MIN = 32
+# SortedHashes merges what was added into its array once that is a quarter of it (and more
+# than a few).
+_MERGE_SHARE = 4
+_MERGE_MIN = 64
 
 _xxh3_64 = xxhash.xxh3_64_intdigest
 
@@ -255,11 +255,11 @@ def _tau(x: float) -> float:
 
 class SortedHashes:
     """A set of 64-bit hashes kept as a sorted array: 8 bytes a hash, where a Python set of ints
-    costs ~80. Hashes added go to a small set first and are merged into the array once that set
-    reaches a sixteenth of it (one C-level merge of two sorted runs), so adding to a large one
-    costs no more than a bisection (~0.4 us) and an insert into the small set; membership is
-    a bisection. Made for sets that change a little at a time (series seen for the first time
-    in a window) and are read often."""
+    costs ~80. Hashes added go into a small set as they come (a C-level update, whether or not
+    the array holds them already) and are merged into the array, duplicates dropped, once that
+    set is a quarter of it: one C-level pass (two sorted runs merged, then de-duplicated by a
+    dict). Membership is a set lookup and a bisection. Made for sets that are added to a little
+    at a time (series seen for the first time in a window) and read often."""
 
     __slots__ = ("_a", "_new")
 
@@ -268,6 +268,11 @@ class SortedHashes:
         self._new: set[int] = set()
 
     def __len__(self) -> int:
+        self._merge()
+        return len(self._a)
+
+    def at_most(self) -> int:
+        """An upper bound of len() that merges nothing (a pending hash may be held twice)."""
         return len(self._a) + len(self._new)
 
     def __iter__(self) -> Iterator[int]:
@@ -286,39 +291,30 @@ class SortedHashes:
         if h in self:
             return False
         self._new.add(h)
-        if len(self._new) > _MERGE_MIN and len(self._new) * _MERGE_SHARE > len(self._a):
-            self._merge()
+        self._maybe_merge()
         return True
 
     def update(self, hashes: Iterable[int]) -> None:
-        new = set(hashes)
-        new -= self._new
-        a = self._a
-        if len(new) * _MERGE_SHARE >= len(a):  # a large batch: one merge by sorting
-            new.update(a)
-            new.update(self._new)
-            self._a = array("Q", sorted(new))
-            self._new = set()
-            return
-        for h in new:
-            i = bisect.bisect_left(a, h)
-            if i == len(a) or a[i] != h:
-                self._new.add(h)
-        if len(self._new) > _MERGE_MIN and len(self._new) * _MERGE_SHARE > len(a):
+        self._new.update(hashes)
+        self._maybe_merge()
+
+    def _maybe_merge(self) -> None:
+        n = len(self._new)
+        if n > _MERGE_MIN and n * _MERGE_SHARE > len(self._a):
             self._merge()
 
     def _merge(self) -> None:
         if self._new:
-            # Two sorted runs: Timsort merges them in one linear pass.
+            # Two sorted runs (Timsort merges them in one pass), then duplicates out.
             merged = sorted(itertools.chain(self._a, sorted(self._new)))
-            self._a = array("Q", merged)
+            self._a = array("Q", list(dict.fromkeys(merged)))  # a list: sized exactly
             self._new = set()
 
     def union_len(self, other: SortedHashes) -> int:
-        """len(self | other), without building either as a set of ints for long."""
-        if len(other) < len(self):
-            self, other = other, self
-        return len(other) + sum(1 for h in self if h not in other)
+        """len(self | other): C-level, O(both) (~40 ns a hash)."""
+        self._merge()
+        other._merge()
+        return len(set(self._a).union(other._a))
 
     def copy(self) -> SortedHashes:
         self._merge()
@@ -374,12 +370,12 @@ class CardinalityTracker:
             return
         exact = self._exact
         assert exact is not None
-        if exact.add(h) and len(exact) > self._limit:
+        if exact.add(h) and exact.at_most() > self._limit and len(exact) > self._limit:
             self._switch()
 
     def add_hashes(self, hashes: Iterable[int]) -> None:
-        """Add every hash of an iterable (read once): while exact, a bisection per hash not
-        held yet (~0.5 us) or one sort for a large batch; a sketch's add_hashes after."""
+        """Add every hash of an iterable (read once): while exact, a C-level set update (and
+        now and then a merge into the sorted array); a sketch's add_hashes after."""
         hll = self._hll
         if hll is not None:
             hll.add_hashes(hashes)
@@ -389,7 +385,7 @@ class CardinalityTracker:
         limit = self._limit
         if isinstance(hashes, list | tuple) and len(hashes) <= _CHUNK:
             exact.update(hashes)
-            if len(exact) > limit:
+            if exact.at_most() > limit and len(exact) > limit:
                 self._switch()
             return
         it = iter(hashes)

@@ -403,6 +403,7 @@ class Group:
     admitted: SortedHashes = attrs.field(factory=SortedHashes)
     admitted_before: SortedHashes = attrs.field(factory=SortedHashes)
     refused: bool = False  # a series was refused admission in the current window
+    admitted_n: int | None = None  # len(admitted | admitted_before), None until worked out
     usage: float = 0.0  # the last usage computed: attempted / limit (the larger of both)
     act: Act | None = None  # what applies now (None: nothing)
     offender: bool = False  # adaptive: picked as a top offender for this window
@@ -422,6 +423,7 @@ class Group:
         self.window = index
         self.offender = False
         self.refused = False
+        self.admitted_n = None
 
 
 @attrs.define(eq=False)
@@ -792,6 +794,7 @@ class LimitEngine:
         if kind is None or kind == "log":
             if tracks_admission and admit:
                 g.admitted.update([ids[i] for i in admit])
+                g.admitted_n = None
             if kind == "log":
                 self._count(lim, "log", series.count(idx), dry=True)
             return
@@ -804,7 +807,9 @@ class LimitEngine:
             # An adaptive offender keeps admitting new series up to its fair share, so a group
             # that arrived after the others filled the budget is cut back, not cut off.
             cap = g.fair if lim.adaptive is not None else g.max_series
-            room = cap - admitted.union_len(before) if cap else 0
+            if g.admitted_n is None:  # worked out once, then kept up to date here
+                g.admitted_n = admitted.union_len(before)
+            room = cap - g.admitted_n if cap else 0
             for i in idx:
                 h = ids[i]
                 if h in admitted:
@@ -814,6 +819,7 @@ class LimitEngine:
                 elif room > 0:
                     admitted.add(h)
                     room -= 1
+                    g.admitted_n += 1
                 else:
                     out.append(i)
         elif kind == "sample":
@@ -821,6 +827,7 @@ class LimitEngine:
             out = [i for i in idx if ids[i] >= cut]
             if tracks_admission:
                 g.admitted.update([ids[i] for i in admit if ids[i] < cut])
+                g.admitted_n = None
         elif kind == "strip":
             assert act is not None
             drop = act.labels
@@ -838,6 +845,7 @@ class LimitEngine:
                 self.stats[lim.name].stripped += points
         if tracks_admission and kind == "strip":
             g.admitted.update([ids[i] for i in admit])
+            g.admitted_n = None
         if out and kind in ("drop_new", "sample", "drop"):
             g.refused = True
         if out:
