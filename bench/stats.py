@@ -573,7 +573,7 @@ def feed_stats(counts: list[int], labels: list[str], table: LabelTable) -> Stats
                     groups = [table.group(j) for j in js]
                     stats.add_group_datapoints(collections.Counter(groups), now_s)
                 for j in js:
-                    stats.add_label_values(name, table.pairs(m, j))
+                    stats.add_label_values(name, dict.fromkeys(table.pairs(m, j), 1))
                 stats.add_series(name, hashes, now_s)
                 if labels:
                     by_group: dict[tuple[str, str], list[int]] = {}
