@@ -285,18 +285,25 @@ class Governance:
         fresh = list(itertools.compress(range(len(facts)), map(index.__ne__, map(_SEEN_OF, facts))))
         if not fresh:
             return
+        by_name: dict[str, list[int]] = {}
+        by_group: dict[Any, list[int]] = {}
         for i in fresh:
-            facts[i].seen = index
-        fresh_facts = list(map(facts.__getitem__, fresh))
-        fresh_ids = list(map(ids.__getitem__, fresh))
-        for name, pos in _positions_by(list(map(_NAME_OF, fresh_facts))).items():
-            stats.add_series(name, list(map(fresh_ids.__getitem__, pos)), now_s)
+            f = facts[i]
+            f.seen = index
+            got = by_name.get(f.name)
+            if got is None:
+                by_name[f.name] = [i]
+            else:
+                got.append(i)
+            if f.group is not None:
+                by_group.setdefault(f.group, []).append(ids[i])
+        for name, pos in by_name.items():
+            stats.add_series(name, list(map(ids.__getitem__, pos)), now_s)
             # Every label pair of the metric's new series, counted in C.
-            pairs = itertools.chain.from_iterable(map(_PAIRS_OF, map(fresh_facts.__getitem__, pos)))
+            pairs = itertools.chain.from_iterable(map(_PAIRS_OF, map(facts.__getitem__, pos)))
             stats.add_label_values(name, collections.Counter(pairs))
-        if stats.labels:
-            for gk, pos in _positions_by(list(map(_GROUP_OF, fresh_facts))).items():
-                stats.add_group_series(gk, list(map(fresh_ids.__getitem__, pos)), now_s)
+        for gk, hashes in by_group.items():
+            stats.add_group_series(gk, hashes, now_s)
 
     def _limit(
         self,
