@@ -18,7 +18,6 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
-import yaml
 
 from service.governance.cardinality import SortedHashes, WindowedTracker, top_k
 from service.governance.rules import (
@@ -31,6 +30,7 @@ from service.governance.rules import (
     all_match,
     read_match,
     template,
+    top_reader,
 )
 from service.governance.windows import AggregateState, Emitted, _origin_key
 from service.telemetry import logs
@@ -343,12 +343,8 @@ def _quotas(r: Reader, problems: list[str]) -> Limit | None:
 
 def load_limits(text: str) -> LimitSet:
     """Parse and validate a limits file; raises LimitsError listing every problem."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise LimitsError([f"<yaml>: {' '.join(str(e).split())}"]) from None
     problems: list[str] = []
-    top = Reader(data if data is not None else {}, "<top>", problems)
+    top = top_reader(text, problems, LimitsError)
     window_s = top.duration("window", 60.0)
     dry_run = _flag(top, "dry_run", False)
     tenancy = Tenancy()

@@ -649,14 +649,20 @@ def _rule(item: Any, i: int, problems: list[str], default_dead_after: float) -> 
     return Rule(name, action, match, settings, tuple(owner.items()), dead_after)
 
 
-def load_rules(text: str) -> RuleSet:
-    """Parse and validate a rules file; raises RulesError listing every problem."""
+def top_reader(text: str, problems: list[str], error: type[RulesError] = RulesError) -> Reader:
+    """A Reader over a YAML file's top level (an empty file reads as an empty mapping); raises
+    `error` with the parser's one-line message when the text is not YAML."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise RulesError([f"<yaml>: {' '.join(str(e).split())}"]) from None
+        raise error([f"<yaml>: {' '.join(str(e).split())}"]) from None
+    return Reader(data if data is not None else {}, "<top>", problems)
+
+
+def load_rules(text: str) -> RuleSet:
+    """Parse and validate a rules file; raises RulesError listing every problem."""
     problems: list[str] = []
-    top = Reader(data if data is not None else {}, "<top>", problems)
+    top = top_reader(text, problems)
     dead_after = top.duration("dead_after", 3600.0)
     raw = top.get("rules", [])
     top.finish()
