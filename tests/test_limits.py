@@ -1375,3 +1375,7 @@ def test_the_limit_collector_exposes_counts_top_groups_and_offenders() -> None:
         ({**base, "group": "service=s5"}, 2.0),
         ({**base, "group": "service=s4"}, 1.0),
     ]
+    assert samples["governor_limit_group_datapoints"] == [  # attempted, not only admitted
+        ({**base, "group": "service=s5"}, 5.0),
+        ({**base, "group": "service=s4"}, 4.0),
+    ]

@@ -179,6 +179,12 @@ class LimitCollector(Collector):
             "Active series (attempted) of a limit's top groups by series.",
             labels=[*base, "group"],
         )
+        group_points = GaugeMetricFamily(
+            "governor_limit_group_datapoints",
+            "Datapoints attempted by a limit's top groups by series, in the current and previous "
+            "window.",
+            labels=[*base, "group"],
+        )
         group_dropped = GaugeMetricFamily(
             "governor_limit_group_dropped_datapoints",
             "Datapoints dropped from a limit's top groups by series, since the group appeared.",
@@ -210,6 +216,7 @@ class LimitCollector(Collector):
                 for g, n in engine.top_groups(lim, self.k):
                     text = group_text(lim, g.key)
                     group_series.add_metric([*values, text], n)
+                    group_points.add_metric([*values, text], g.points + g.points_before)
                     group_dropped.add_metric([*values, text], g.dropped)
                 worst = sorted(acting, key=lambda g: -g.usage)[: self.k]
                 for g in worst:
@@ -224,6 +231,7 @@ class LimitCollector(Collector):
             groups,
             limited,
             group_series,
+            group_points,
             group_dropped,
             offenders,
         ]
