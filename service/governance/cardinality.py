@@ -265,7 +265,7 @@ class SortedHashes:
 
     def __init__(self, hashes: Iterable[int] = ()) -> None:
         self._a = array("Q", sorted(set(hashes)))
-        self._new: set[int] = set()
+        self._new: set[int] | None = None  # made when first needed: an empty set is 216 bytes
 
     def __len__(self) -> int:
         self._merge()
@@ -273,14 +273,14 @@ class SortedHashes:
 
     def at_most(self) -> int:
         """An upper bound of len() that merges nothing (a pending hash may be held twice)."""
-        return len(self._a) + len(self._new)
+        return len(self._a) + (len(self._new) if self._new else 0)
 
     def __iter__(self) -> Iterator[int]:
         self._merge()
         return iter(self._a)
 
     def __contains__(self, h: object) -> bool:
-        if h in self._new:
+        if self._new and h in self._new:
             return True
         a = self._a
         i = bisect.bisect_left(a, h)  # type: ignore[call-overload]
@@ -290,16 +290,21 @@ class SortedHashes:
         """Add one hash; True if it was not there."""
         if h in self:
             return False
+        if self._new is None:
+            self._new = set()
         self._new.add(h)
         self._maybe_merge()
         return True
 
     def update(self, hashes: Iterable[int]) -> None:
-        self._new.update(hashes)
+        if self._new is None:
+            self._new = set(hashes)
+        else:
+            self._new.update(hashes)
         self._maybe_merge()
 
     def _maybe_merge(self) -> None:
-        n = len(self._new)
+        n = len(self._new) if self._new else 0
         if n > _MERGE_MIN and n * _MERGE_SHARE > len(self._a):
             self._merge()
 
@@ -308,7 +313,7 @@ class SortedHashes:
             # Two sorted runs (Timsort merges them in one pass), then duplicates out.
             merged = sorted(itertools.chain(self._a, sorted(self._new)))
             self._a = array("Q", list(dict.fromkeys(merged)))  # a list: sized exactly
-            self._new = set()
+        self._new = None
 
     def union_len(self, other: SortedHashes) -> int:
         """len(self | other): C-level, O(both) (~40 ns a hash)."""
@@ -323,7 +328,8 @@ class SortedHashes:
         return new
 
     def memory_bytes(self) -> int:
-        pending = sys.getsizeof(self._new) + 48 * len(self._new)  # a 64-bit int: 48 bytes
+        new = self._new
+        pending = sys.getsizeof(new) + 48 * len(new) if new is not None else 0  # 48 a hash
         return sys.getsizeof(self) + sys.getsizeof(self._a) + pending
 
 

@@ -29,8 +29,11 @@ class Counted:
     window: int = 0  # datapoints in the current window
     before: int = 0  # datapoints in the previous window
     # full, metrics only: label -> value -> series first seen with it in the current window
-    values: dict[str, dict[str, int]] | None = None
-    values_before: dict[str, dict[str, int]] | None = None
+    # One table per window, keyed by (label, value): one dict a metric rather than one a label
+    # (most metrics have few series: the tables' own size is what counts).
+    values: dict[tuple[str, str], int] | None = None
+    values_before: dict[tuple[str, str], int] | None = None
+    distinct: dict[str, int] | None = None  # label -> values kept in `values`
     values_dropped: int = 0  # values not kept (past max_label_values)
 
     def series(self) -> int:
@@ -73,6 +76,7 @@ class Stats:
                 if c.values is not None:
                     c.values_before = c.values if step else {}
                     c.values = {}
+                    c.distinct = {}
             self.index = index
         return index
 
@@ -91,6 +95,7 @@ class Stats:
             c = table[key] = Counted(tracker, values={} if table is self.metrics else None)
             if c.values is not None and self.full:
                 c.values_before = {}
+                c.distinct = {}
         return c
 
     def add_datapoints(self, per_name: Mapping[str, int], now_s: float) -> None:
@@ -133,15 +138,18 @@ class Stats:
             return
         limit = self.cfg.max_label_values
         values = c.values
-        for (k, v), n in pairs.items():
-            per = values.get(k)
-            if per is None:
-                per = values[k] = {}
-            got = per.get(v)
+        distinct = c.distinct
+        assert distinct is not None
+        for pair, n in pairs.items():
+            got = values.get(pair)
             if got is not None:
-                per[v] = got + n
-            elif len(per) < limit:
-                per[v] = n
+                values[pair] = got + n
+                continue
+            label = pair[0]
+            kept = distinct.get(label, 0)
+            if kept < limit:
+                values[pair] = n
+                distinct[label] = kept + 1
             else:
                 c.values_dropped += n
 
@@ -165,13 +173,18 @@ class Stats:
             return {}
         out = {}
         limit = self.cfg.max_label_values
-        for label in sorted(set(c.values) | set(c.values_before or {})):
-            merged = dict(c.values.get(label, {}))
-            for v, n in (c.values_before or {}).get(label, {}).items():
-                if v in merged:
-                    merged[v] = max(merged[v], n)
-                elif len(merged) < limit:  # the cap holds for both windows together
-                    merged[v] = n
+        per_label: dict[str, dict[str, int]] = {}
+        for (label, v), n in c.values.items():
+            per_label.setdefault(label, {})[v] = n
+        for (label, v), n in (c.values_before or {}).items():
+            merged = per_label.setdefault(label, {})
+            if v in merged:
+                merged[v] = max(merged[v], n)
+            elif len(merged) < limit:  # the cap holds for both windows together
+                merged[v] = n
+        out = {}
+        for label in sorted(per_label):
+            merged = per_label[label]
             out[label] = (len(merged), [(v, int(n)) for v, n in top_k(merged, k)])
         return out
 
