@@ -18,7 +18,6 @@ from service.config import StatsConfig
 from service.governance.cardinality import WindowedTracker, top_k
 
 OTHER = "__other__"
-_LOW = (1 << 32) - 1
 
 
 @attrs.define(eq=False, slots=True)
@@ -29,10 +28,11 @@ class Counted:
     total: int = 0  # datapoints since start
     window: int = 0  # datapoints in the current window
     before: int = 0  # datapoints in the previous window
-    # full, metrics only: (label, value) -> series first seen with it, the current window's
-    # count in the low 32 bits and the previous window's above: one table a metric for both
-    # windows (most metrics have few series: the tables' own size is what counts).
+    # full, metrics only: label -> value -> series first seen with it in the current window
+    # One table per window, keyed by (label, value): one dict a metric rather than one a label
+    # (most metrics have few series: the tables' own size is what counts).
     values: dict[tuple[str, str], int] | None = None
+    values_before: dict[tuple[str, str], int] | None = None
     distinct: dict[str, int] | None = None  # label -> values kept in `values`
     values_dropped: int = 0  # values not kept (past max_label_values)
 
@@ -74,7 +74,9 @@ class Stats:
                 if c.tracker is not None:
                     c.tracker.roll(now_s)
                 if c.values is not None:
-                    _roll_values(c, step)
+                    c.values_before = c.values if step else {}
+                    c.values = {}
+                    c.distinct = {}
             self.index = index
         return index
 
@@ -91,7 +93,8 @@ class Stats:
                 tracker = WindowedTracker(self.window_s, self.cfg.exact_limit)
                 tracker.roll(now_s)
             c = table[key] = Counted(tracker, values={} if table is self.metrics else None)
-            if c.values is not None:
+            if c.values is not None and self.full:
+                c.values_before = {}
                 c.distinct = {}
         return c
 
@@ -168,9 +171,17 @@ class Stats:
         c = self.metrics.get(name)
         if c is None or c.values is None:
             return {}
+        out = {}
+        limit = self.cfg.max_label_values
         per_label: dict[str, dict[str, int]] = {}
         for (label, v), n in c.values.items():
-            per_label.setdefault(label, {})[v] = max(n & _LOW, n >> 32)
+            per_label.setdefault(label, {})[v] = n
+        for (label, v), n in (c.values_before or {}).items():
+            merged = per_label.setdefault(label, {})
+            if v in merged:
+                merged[v] = max(merged[v], n)
+            elif len(merged) < limit:  # the cap holds for both windows together
+                merged[v] = n
         out = {}
         for label in sorted(per_label):
             merged = per_label[label]
@@ -232,22 +243,3 @@ class Stats:
                     for text, n in top_k(counts, top)
                 ]
         return out
-
-
-def _roll_values(c: Counted, step: bool) -> None:
-    """A metric's label values at a window roll: the current window's counts become the
-    previous window's; values neither window has are forgotten (and free their place under the
-    label's cap)."""
-    values, distinct = c.values, c.distinct
-    assert values is not None and distinct is not None
-    if not step:
-        values.clear()
-        distinct.clear()
-        return
-    for pair, n in list(values.items()):
-        current = n & _LOW
-        if current:
-            values[pair] = current << 32
-        else:
-            del values[pair]
-            distinct[pair[0]] -= 1
