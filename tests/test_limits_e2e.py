@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -30,7 +29,6 @@ from service._proto.prometheus.remote_pb2 import WriteRequest
 from service.config import LimitsConfig
 from service.governance.cardinality import hash_many
 from tests.peers import (
-    START_TIMEOUT_S,
     STOP_TIMEOUT_S,
     Exposition,
     InProcessGovernor,
@@ -43,7 +41,7 @@ from tests.peers import (
     start_victoria_metrics,
     wait_until,
 )
-from tests.test_rules_e2e import LogLines
+from tests.test_rules_e2e import LogLines, governor_process
 
 pytestmark = pytest.mark.peers
 
@@ -730,61 +728,43 @@ async def test_sighup_with_a_broken_limits_file_keeps_the_old_limits(
         }
         config_path.write_text(yaml.safe_dump(config))
         log = LogLines()
-        process = await trio.lowlevel.open_process(
-            [str(governor), "--config", str(config_path), "--limits-file", str(limits)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            async with trio.open_nursery() as inner:
-                assert process.stderr is not None
-                inner.start_soon(log.read, process.stderr)
-                with trio.move_on_after(START_TIMEOUT_S):
-                    await log.started.wait()
-                if not log.started.is_set():
-                    pytest.fail("governor did not log 'governor started':\n" + log.text())
-                started = next(r for r in log.records() if r["msg"] == "governor started")
-                metrics_url = f"http://{started['telemetry']}/metrics"
-                sender = Sender(client, f"http://{started['prw']}/api/v1/write")
-                clock = Clock()
+        argv = [str(governor), "--config", str(config_path), "--limits-file", str(limits)]
+        async with governor_process(argv, log) as (process, started):
+            metrics_url = f"http://{started['telemetry']}/metrics"
+            sender = Sender(client, f"http://{started['prw']}/api/v1/write")
+            clock = Clock()
 
-                async def send_rounds(rounds: tuple[int, ...]) -> None:
-                    for r in rounds:
-                        await clock.wait(r)
-                        await sender.send([(s, float(r)) for s in series], clock.ts_ms(r))
-                        clock.check_in_window(r)
+            async def send_rounds(rounds: tuple[int, ...]) -> None:
+                for r in rounds:
+                    await clock.wait(r)
+                    await sender.send([(s, float(r)) for s in series], clock.ts_ms(r))
+                    clock.check_in_window(r)
 
-                async def reloads(result: str) -> tuple[bool, Exposition]:
-                    m = await scrape(client, metrics_url)
-                    return m.values("governor_config_reloads_total", result=result) == [1.0], m
-
-                await send_rounds(OLD_ROUNDS[:2])
-                limits.write_text(BROKEN_LIMITS)
-                process.send_signal(signal.SIGHUP)
-                broken = await wait_until(
-                    lambda: reloads("failure"), what="a failed reload", timeout_s=RELOAD_TIMEOUT_S
-                )
-                assert broken.values("governor_config_reloads_total", result="success") == []
-                await send_rounds(OLD_ROUNDS[2:])
-
-                write_limits(limits, reload_limits(NEW_MAX))
-                process.send_signal(signal.SIGHUP)
-                await wait_until(
-                    lambda: reloads("success"), what="a good reload", timeout_s=RELOAD_TIMEOUT_S
-                )
-                await send_rounds(NEW_ROUNDS)
+            async def reloads(result: str) -> tuple[bool, Exposition]:
                 m = await scrape(client, metrics_url)
+                return m.values("governor_config_reloads_total", result=result) == [1.0], m
 
-                process.send_signal(signal.SIGTERM)
-                with trio.fail_after(STOP_TIMEOUT_S):
-                    await process.wait()
-                assert process.returncode == 0, log.text()
-        finally:
-            if process.returncode is None:
-                process.kill()
-            with trio.CancelScope(shield=True), trio.move_on_after(STOP_TIMEOUT_S):
+            await send_rounds(OLD_ROUNDS[:2])
+            limits.write_text(BROKEN_LIMITS)
+            process.send_signal(signal.SIGHUP)
+            broken = await wait_until(
+                lambda: reloads("failure"), what="a failed reload", timeout_s=RELOAD_TIMEOUT_S
+            )
+            assert broken.values("governor_config_reloads_total", result="success") == []
+            await send_rounds(OLD_ROUNDS[2:])
+
+            write_limits(limits, reload_limits(NEW_MAX))
+            process.send_signal(signal.SIGHUP)
+            await wait_until(
+                lambda: reloads("success"), what="a good reload", timeout_s=RELOAD_TIMEOUT_S
+            )
+            await send_rounds(NEW_ROUNDS)
+            m = await scrape(client, metrics_url)
+
+            process.send_signal(signal.SIGTERM)
+            with trio.fail_after(STOP_TIMEOUT_S):
                 await process.wait()
+            assert process.returncode == 0, log.text()
         stored = await vm.export(f'{{__name__="{RELOAD}"}}')
 
     sent = sender.sent

@@ -43,6 +43,7 @@ from service.governance import otlp, prw
 from service.governance.activity import RuleCollector
 from service.governance.engine import LATENESS_MS, RuleEngine, RuleStats
 from service.governance.rules import load_rules
+from service.governance.stage import Governance
 from service.governance.windows import lttb, swinging_door
 
 CUMULATIVE = 2  # AGGREGATION_TEMPORALITY_CUMULATIVE
@@ -1394,11 +1395,17 @@ def test_rule_collector_exposes_every_rule_with_its_ownership_labels() -> None:
 # ---- run() in virtual time -------------------------------------------------------------------
 
 
+def governance_of(e: RuleEngine) -> Governance:
+    """A pipeline's governance with rules only: what runs the engine's windows and dead rules."""
+    return Governance(pipeline=e.pipeline, engine=e, clock_ms=e.clock_ms)
+
+
 async def test_run_emits_due_windows_at_their_time_and_the_rest_at_stop(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """run() ticks every 0.5 s: window [0 s, 10 s) comes out at 12 s, [10 s, 20 s) at 22 s; when
-    `stop` is set (at 26 s), the open window [20 s, 30 s) comes out at once, and run() returns."""
+    """The governance task (Governance.run) ticks every 0.5 s: window [0 s, 10 s) comes out at
+    12 s, [10 s, 20 s) at 22 s; when `stop` is set (at 26 s), the open window [20 s, 30 s) comes
+    out at once, and run() returns."""
     e = RuleEngine(
         load_rules(DOWNSAMPLE.format("sum")),
         pipeline="prw",
@@ -1411,7 +1418,7 @@ async def test_run_emits_due_windows_at_their_time_and_the_rest_at_stop(
 
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(e.run, emit, stop)
+        nursery.start_soon(governance_of(e).run, emit, stop)
         await trio.sleep(1)
         govern(e, "{__name__=m} 1000:1.0 5000:2.0")
         await trio.sleep(14)
@@ -1431,8 +1438,8 @@ async def test_run_emits_due_windows_at_their_time_and_the_rest_at_stop(
 async def test_run_reports_dead_rules_while_it_ticks(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """run() checks for dead rules on every tick: a rule with dead_after 10s is dead after 10 s
-    of virtual time without a match."""
+    """The governance task (Governance.run) checks for dead rules on every tick: a rule with
+    dead_after 10s is dead after 10 s of virtual time without a match."""
     e = RuleEngine(
         load_rules("rules: [{name: a, match: {name: a}, action: drop, dead_after: 10s}]"),
         pipeline="prw",
@@ -1444,7 +1451,7 @@ async def test_run_reports_dead_rules_while_it_ticks(
 
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(e.run, emit, stop)
+        nursery.start_soon(governance_of(e).run, emit, stop)
         await trio.sleep(9.9)
         assert e.stats["a"].dead is False
         await trio.sleep(0.2)

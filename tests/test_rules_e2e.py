@@ -920,6 +920,32 @@ class LogLines:
                     self.started.set()
 
 
+@asynccontextmanager
+async def governor_process(
+    argv: list[str], log: LogLines, **popen: Any
+) -> AsyncIterator[tuple[trio.Process, dict[str, Any]]]:
+    """A governor process run as `argv`, its stderr read into `log`: yields the process and
+    its "governor started" log record once it logged it (the test fails if it did not within
+    START_TIMEOUT_S). A process still running at the exit is killed, and waited for."""
+    process = await trio.lowlevel.open_process(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen
+    )
+    try:
+        async with trio.open_nursery() as inner:
+            assert process.stderr is not None
+            inner.start_soon(log.read, process.stderr)
+            with trio.move_on_after(START_TIMEOUT_S):
+                await log.started.wait()
+            if not log.started.is_set():
+                pytest.fail("governor did not log 'governor started':\n" + log.text())
+            yield process, next(r for r in log.records() if r["msg"] == "governor started")
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True), trio.move_on_after(STOP_TIMEOUT_S):
+            await process.wait()
+
+
 def sighup_rules(*, with_new: bool) -> list[dict[str, Any]]:
     rules: list[dict[str, Any]] = [
         {
@@ -974,22 +1000,9 @@ async def test_sighup_reloads_the_rules_of_a_running_process(
     }
     config_path.write_text(yaml.safe_dump(config))
     log = LogLines()
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "service", "--config", str(config_path)],
-        cwd=REPO,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    argv = [sys.executable, "-m", "service", "--config", str(config_path)]
     try:
-        async with trio.open_nursery() as inner:
-            assert process.stderr is not None
-            inner.start_soon(log.read, process.stderr)
-            with trio.move_on_after(START_TIMEOUT_S):
-                await log.started.wait()
-            if not log.started.is_set():
-                pytest.fail("governor did not log 'governor started':\n" + log.text())
-            started = next(r for r in log.records() if r["msg"] == "governor started")
+        async with governor_process(argv, log, cwd=REPO) as (process, started):
             metrics_url = f"http://{started['telemetry']}/metrics"
             write_url = f"http://{started['prw']}/api/v1/write"
 
@@ -1053,10 +1066,6 @@ async def test_sighup_reloads_the_rules_of_a_running_process(
                 await process.wait()
             assert process.returncode == 0, log.text()
     finally:
-        if process.returncode is None:
-            process.kill()
-        with trio.CancelScope(shield=True), trio.move_on_after(STOP_TIMEOUT_S):
-            await process.wait()
         backend_stop.set()
 
     assert [dict(lbls) for lbls, _ in backend.series] == [

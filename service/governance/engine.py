@@ -5,8 +5,8 @@ metric name, a lazily built label mapping, an optional resource mapping, a kind 
 engine answers what becomes of it. Rules run in order; transform and classify change labels and
 continue; sample, downsample, aggregate and drop are terminal (the first that matches decides). The
 decision which rules can apply to a metric name is cached per name, so a series that no rule's name
-pattern matches costs one dict lookup. Windows (downsample, aggregate) are flushed by `run()`,
-which the pipeline owns.
+pattern matches costs one dict lookup. Windows (downsample, aggregate) are flushed by `due()`,
+which the pipeline's governance task (service/governance/stage.py) calls on each tick.
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ import hashlib
 import logging
 import random
 import zlib
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
-import trio
 
 from service.governance.rules import (
     Aggregate,
@@ -432,32 +431,16 @@ class RuleEngine:
                 changed.append((rule.name, dead))
         return changed
 
-    async def run(
-        self,
-        emit: Callable[[list[Emitted]], Awaitable[None]],
-        stop: trio.Event,
-        *,
-        tick_s: float = 0.5,
-    ) -> None:
-        """Flush due windows every `tick_s` through `emit` and report dead rules, until `stop`;
-        then emit every open window."""
-        while not stop.is_set():
-            with trio.move_on_after(tick_s):
-                await stop.wait()
-            due = self.due()
-            if due:
-                await emit(due)
-            for name, dead in self.check_dead():
-                logs.log(
-                    log,
-                    logging.WARNING if dead else logging.INFO,
-                    "rule is dead: no match for dead_after" if dead else "rule matches again",
-                    rule=name,
-                    pipeline=self.pipeline,
-                )
-        rest = self.due(force=True)
-        if rest:
-            await emit(rest)
+    def report_dead(self) -> None:
+        """check_dead(), with a log line for each rule whose dead state changed."""
+        for name, dead in self.check_dead():
+            logs.log(
+                log,
+                logging.WARNING if dead else logging.INFO,
+                "rule is dead: no match for dead_after" if dead else "rule matches again",
+                rule=name,
+                pipeline=self.pipeline,
+            )
 
 
 # ---- actions on labels ---------------------------------------------------------------------

@@ -56,6 +56,17 @@ class Origin:
         return attrs.evolve(self, resource=shared, resource_message=None)
 
 
+def origin_of(rm: Any, sm: ScopeMetrics, m: Metric, resource: dict[str, str]) -> Origin:
+    """Where a metric's points come from (`resource`: its resource's attributes as text)."""
+    return Origin(
+        tuple(sorted(resource.items())),
+        rm.resource.SerializeToString(),
+        sm.scope.SerializeToString(),
+        m.description,
+        m.unit,
+    )
+
+
 def any_str(v: AnyValue) -> str:
     """An attribute value as a label value: strings as they are, others in a fixed text form."""
     kind = v.WhichOneof("value")
@@ -76,11 +87,12 @@ def any_str(v: AnyValue) -> str:
     return ""
 
 
-def _attrs_dict(kvs: Iterable[KeyValue]) -> dict[str, str]:
+def attrs_dict(kvs: Iterable[KeyValue]) -> dict[str, str]:
+    """Attributes as text (`any_str`), by key."""
     return {kv.key: any_str(kv.value) for kv in kvs}
 
 
-def _kind(metric: Metric, field: str) -> str:
+def metric_kind(metric: Metric, field: str) -> str:
     if field == "gauge":
         return "gauge"
     if field == "sum":
@@ -109,7 +121,7 @@ def govern(engine: RuleEngine, req: ExportMetricsServiceRequest) -> int | None:
                 if field is None:
                     continue
                 if resource is None:
-                    resource = _attrs_dict(rm.resource.attributes)
+                    resource = attrs_dict(rm.resource.attributes)
                 result = _govern_metric(engine, plan, rm, sm, m, field, resource)
                 if result is None:
                     continue
@@ -122,15 +134,10 @@ def govern(engine: RuleEngine, req: ExportMetricsServiceRequest) -> int | None:
             if added:
                 sm.metrics.extend(added)
             if emptied:
-                keep = [m for m in sm.metrics if _points(m)]
+                keep = [m for m in sm.metrics if otlp_codec.metric_points(m)]
                 del sm.metrics[:]
                 sm.metrics.extend(keep)
     return removed if changed else None
-
-
-def _points(m: Metric) -> int:
-    field = m.WhichOneof("data")
-    return len(getattr(m, field).data_points) if field else 0
 
 
 def _govern_metric(
@@ -144,7 +151,7 @@ def _govern_metric(
 ) -> tuple[int, list[Metric]] | None:
     data = getattr(m, field)
     points = data.data_points
-    kind = _kind(m, field)
+    kind = metric_kind(m, field)
     numeric = field in ("gauge", "sum")
     origin = None
     keep_points = []
@@ -154,7 +161,7 @@ def _govern_metric(
     for dp in points:
 
         def labels_of(dp: Any = dp) -> dict[str, str]:
-            return _attrs_dict(dp.attributes)
+            return attrs_dict(dp.attributes)
 
         points_of = None
         if numeric:
@@ -164,13 +171,7 @@ def _govern_metric(
                 return [(dp.time_unix_nano // 1_000_000, v)]
 
             if origin is None:
-                origin = Origin(
-                    tuple(sorted(resource.items())),
-                    rm.resource.SerializeToString(),
-                    sm.scope.SerializeToString(),
-                    m.description,
-                    m.unit,
-                )
+                origin = origin_of(rm, sm, m, resource)
         v = engine.evaluate(m.name, plan, labels_of, resource, kind, 1, points_of, origin)
         if v.drop_all or v.absorbed or (v.keep is not None and not v.keep[0]):
             changed = True

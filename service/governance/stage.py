@@ -16,7 +16,6 @@ from __future__ import annotations
 import bisect
 import collections
 import itertools
-import logging
 import operator
 import re
 from collections.abc import Awaitable, Callable
@@ -444,9 +443,7 @@ class Governance:
                     if not per_dp:
                         continue
                     if resource is None:
-                        resource = {
-                            kv.key: otlp_gov.any_str(kv.value) for kv in rm.resource.attributes
-                        }
+                        resource = otlp_gov.attrs_dict(rm.resource.attributes)
                         rkey = "\x00".join(f"{k}\x01{v}" for k, v in sorted(resource.items()))
                     for dp in dps:
                         pairs = tuple(
@@ -496,10 +493,9 @@ class Governance:
                             continue
                         s = strip.get(key)
                         if s is not None and field in ("gauge", "sum"):
-                            (_m, _f, _dp, resource, f, h), (lim, labels) = s
-                            self._strip_otlp(
-                                limits, lim, rm, sm, m, field, dp, f, h, labels, now_ms
-                            )
+                            (_m, _f, _dp, resource, _facts, h), (lim, labels) = s
+                            origin = otlp_gov.origin_of(rm, sm, m, resource)
+                            self._strip_otlp(limits, lim, m, field, dp, h, labels, origin, now_ms)
                             touched = True
                             continue
                         rule = annotate.get(key)
@@ -515,7 +511,7 @@ class Governance:
                         dps.extend(keep)
                         emptied = emptied or not keep
                 if emptied:
-                    kept = [m for m in sm.metrics if otlp_gov._points(m)]
+                    kept = [m for m in sm.metrics if otlp_codec.metric_points(m)]
                     del sm.metrics[:]
                     sm.metrics.extend(kept)
         return d.rejected, True
@@ -524,26 +520,16 @@ class Governance:
         self,
         limits: LimitEngine,
         lim: Any,
-        rm: Any,
-        sm: Any,
         m: Any,
         field: str,
         dp: Any,
-        f: Facts,
         h: int,
         labels: dict[str, str],
+        origin: otlp_gov.Origin,
         now_ms: int,
     ) -> None:
-        counter = otlp_gov._kind(m, field) == "counter"
+        counter = otlp_gov.metric_kind(m, field) == "counter"
         state = limits.strip_state(lim, counter)
-        resource = {kv.key: otlp_gov.any_str(kv.value) for kv in rm.resource.attributes}
-        origin = otlp_gov.Origin(
-            tuple(sorted(resource.items())),
-            rm.resource.SerializeToString(),
-            sm.scope.SerializeToString(),
-            m.description,
-            m.unit,
-        )
         grouped = state.group_of(m.name, labels, origin)
         v = dp.as_double if dp.WhichOneof("value") == "as_double" else float(dp.as_int)
         state.add_one(
@@ -606,14 +592,7 @@ class Governance:
                 await emit(due)
             now_s = self.clock_ms() / 1000
             if self.engine is not None:
-                for name, dead in self.engine.check_dead():
-                    logs.log(
-                        log,
-                        logging.WARNING if dead else logging.INFO,
-                        "rule is dead: no match for dead_after" if dead else "rule matches again",
-                        rule=name,
-                        pipeline=self.pipeline,
-                    )
+                self.engine.report_dead()
             if self.limits is not None:
                 self.limits.prune(now_s)
             if self.stats is not None:
