@@ -80,6 +80,7 @@ import psutil
 import workload
 
 import service
+from service import allocator
 from service.codec import prw as prw_codec
 from service.config import StatsConfig
 from service.governance.limits import LimitEngine, load_limits
@@ -760,7 +761,11 @@ def main(argv: list[str] | None = None) -> int:
     if WINDOW_S % args.step:
         p.error(f"--step must divide the {WINDOW_S:g} s window")
 
+    # What governor does at start (service/allocator.py): without it, every request-sized buffer
+    # is an mmap and its page faults, which would count against every case.
+    tuned = allocator.tune()
     code = code_state()
+    code["malloc_tuned"] = tuned
     print(
         f"stats and limits benchmark; service from {code['service_path']}, sources sha256"
         f" {code['service_sha256']}"

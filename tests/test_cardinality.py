@@ -523,6 +523,43 @@ def test_windows_with_sketches() -> None:
     assert repr(w).startswith("WindowedTracker(window_s=60.0, count=")
 
 
+def test_windows_hold_small_adds_back_without_counting_them_late() -> None:
+    """Hashes added a few at a time are held and go to the window's tracker in bulk, but every
+    read sees them, and a roll puts them in the window they were added in, not the next one;
+    what is held never exceeds 2048 hashes (16 KiB)."""
+    w = WindowedTracker(window_s=60.0, exact_limit=100)
+    w.roll(0.0)
+    hashes = _series(0, 5000)
+    for start in range(0, 3000, 3):
+        w.add_hashes(hashes[start : start + 3])
+        pending = w._pending
+        assert pending is None or len(pending) < 2048
+    assert w.current_count() == pytest.approx(3000, rel=0.02)
+    w.add_hashes(hashes[3000:3010])
+    w.roll(60.0)  # the 10 belong to the window that ended
+    assert w.statistics().previous == pytest.approx(3010, rel=0.02)
+    assert w.statistics().current == 0
+    w.add_hashes(hashes[4000:4005])
+    assert (w.current_count(), w.statistics().current) == (5, 5)
+    assert w.count() == pytest.approx(3015, rel=0.02)
+
+
+@pytest.mark.parametrize("p", [4, 10, 11, 14, 18])
+def test_ranks_at_every_bit_length(p: int) -> None:
+    """A rank is right for every length of the rank bits (2^k - 1 and 2^k), the lengths where
+    a bit count by floating point could be off by one."""
+    q = 64 - p
+    hashes = []
+    for k in range(q + 1):
+        for rest in {(1 << k) - 1, min(1 << k, (1 << q) - 1)}:
+            hashes.append(rest << p | len(hashes) % (1 << p))
+    assert _hll(hashes, p).registers == _reference_registers(hashes, p)
+    one_by_one = HyperLogLog(p)
+    for h in hashes:
+        one_by_one.add_hash(h)
+    assert one_by_one.registers == _reference_registers(hashes, p)
+
+
 def test_window_must_be_positive() -> None:
     with pytest.raises(ValueError, match="window_s must be > 0"):
         WindowedTracker(window_s=0)

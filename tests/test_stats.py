@@ -370,6 +370,27 @@ def test_full_counts_a_series_once_per_window_however_often_it_is_sent() -> None
     }
 
 
+def test_full_counts_datapoints_in_the_window_they_arrived_in_when_read_later() -> None:
+    """Full stats hold a request's datapoint counts back and count them per name and group
+    when the stats are read; nothing read in between, a window roll still puts each request's
+    datapoints in its own window."""
+    g = governed(level="full", labels=["service"])
+    g.prw(*pods("http_requests_total", 3, service="api"), series("up", samples=2))
+    g.prw(*pods("http_requests_total", 3, service="api"))
+    g.clock.advance(WINDOW_S)
+    g.prw(*pods("http_requests_total", 1, service="api"))
+
+    assert {n: (c.before, c.window, c.total) for n, c in g.stats.metrics.items()} == {
+        "http_requests_total": (6, 1, 7),
+        "up": (2, 0, 2),
+    }
+    assert {k: (c.before, c.window) for k, c in g.stats.groups.items()} == {
+        ("api",): (6, 1),
+        ("",): (2, 0),
+    }
+    assert g.stats.datapoints == 9
+
+
 def test_series_that_stop_sending_count_until_the_end_of_the_next_window() -> None:
     """A series counts in the window it was seen in and the one after; a window later it is
     gone, whether or not anything else is sent meanwhile. Datapoint counts per window follow

@@ -59,6 +59,8 @@ _COUNTER_SUFFIXES = ("_total", "_count", "_sum", "_bucket")
 # parsed).
 _NAME_RE = re.compile(rb"__name__\x12([\x01-\x7f][a-zA-Z_:][a-zA-Z0-9_:]*)")
 _INTERN_MAX = 1_000_000
+_WINDOW_BITS = 0xFFFFFFFF  # Facts.state's low bits: a window index, modulo 2^32
+_UNSEEN = _WINDOW_BITS  # never a window's index (2^32 - 1 s windows is the year 2106)
 
 
 @attrs.define(eq=False, slots=True)
@@ -68,7 +70,10 @@ class Facts:
     name: str
     pairs: tuple[tuple[str, str], ...]  # its labels but `__name__`, interned
     group: tuple[str, ...] | None  # stats: its values of `stats.labels`
-    seen: int = -1  # stats: the window it was last counted in
+    # stats: (the id of its (name, group) << 32) | the window it was last counted in (its low
+    # 32 bits; _UNSEEN before). One int per series says what to count it under and whether it
+    # is new in the window, so a request's series are counted by one C-level Counter.
+    state: int = 0
     limits: int = 0  # LimitEngine.match_id(...) for `generation` (0: no limit applies)
     generation: int = -1
     lseen: tuple[int, str, int] = (-1, "", -1)  # limits: (window, header tenant, generation)
@@ -78,8 +83,7 @@ class Facts:
 
 
 _NAME_OF = operator.attrgetter("name")
-_SEEN_OF = operator.attrgetter("seen")
-_GROUP_OF = operator.attrgetter("group")
+_STATE_OF = operator.attrgetter("state")
 _PAIRS_OF = operator.attrgetter("pairs")
 _GENERATION_OF = operator.attrgetter("generation")
 _LIMITS_OF = operator.attrgetter("limits")
@@ -111,6 +115,16 @@ class Governance:
         self._strings: dict[str, str] = {}
         self._pairs: dict[tuple[str, str], tuple[str, str]] = {}
         self._facts_labels: tuple[str, ...] = ()
+        # What a Facts.state counts under: (name, group) by id, and the id of each.
+        self._kinds: list[tuple[str, tuple[str, ...] | None]] = []
+        self._kind_ids: dict[tuple[str, tuple[str, ...] | None], int] = {}
+        self._marks: dict[int, int] = {}  # kind id -> its state in the window of _mark
+        self._marked_states: set[int] = set()  # _marks' values
+        self._mark = -1
+        # Remote write datapoints per Facts.state, not yet in the stats (see _fold).
+        self._held: collections.Counter[int] = collections.Counter()
+        if stats is not None:
+            stats.defer(self._fold)
 
     @property
     def rules_active(self) -> bool:
@@ -132,9 +146,37 @@ class Governance:
     def _check_facts(self) -> None:
         """Facts hold the stats labels' values: forget them if those labels changed."""
         labels = self.stats.labels if self.stats is not None else ()
-        if labels != self._facts_labels:
-            self.facts.clear()
+        if labels != self._facts_labels or len(self._kinds) >= _INTERN_MAX:
+            self._forget_facts()
             self._facts_labels = labels
+
+    def _forget_facts(self) -> None:
+        self._fold()  # the held states name kinds about to be forgotten
+        self.facts.clear()
+        self._kinds.clear()
+        self._kind_ids.clear()
+        self._marks.clear()
+        self._marked_states.clear()
+
+    def _fold(self) -> None:
+        """Count the held datapoints in the stats, per name and per group (the stats call it
+        before they are read and before their window rolls)."""
+        held = self._held
+        if not held or self.stats is None:
+            return
+        kinds = self._kinds
+        per_name: dict[str, int] = {}
+        per_group: dict[tuple[str, ...], int] = {}
+        for st, n in held.items():
+            name, group = kinds[st >> 32]
+            per_name[name] = per_name.get(name, 0) + n
+            if group is not None:
+                per_group[group] = per_group.get(group, 0) + n
+        held.clear()
+        now_s = self.stats.index * self.stats.window_s
+        self.stats.count_datapoints(per_name, now_s)
+        if per_group:
+            self.stats.add_group_datapoints(per_group, now_s)
 
     # ---- remote write ------------------------------------------------------------------------
 
@@ -238,11 +280,40 @@ class Governance:
         return got
 
     def _new_facts(self, name: str, pairs: tuple[tuple[str, str], ...]) -> Facts:
-        labels = dict(pairs)
+        name = self._intern(name)
         group = None
         if self.stats is not None and self.stats.labels:
+            labels = dict(pairs)
             group = tuple(self._intern(labels.get(k, "")) for k in self.stats.labels)
-        return Facts(self._intern(name), pairs, group)
+        kind = (name, group)
+        kid = self._kind_ids.get(kind)
+        if kid is None:
+            kid = self._kind_ids[kind] = len(self._kinds)
+            self._kinds.append(kind)
+        return Facts(name, pairs, group, (kid << 32) | _UNSEEN)
+
+    def _window_mark(self, stats: Stats, now_s: float) -> int:
+        """Roll the stats to `now_s`; the mark of its window (for Facts.state)."""
+        mark = stats.roll(now_s) & _WINDOW_BITS
+        if mark != self._mark:
+            self._marks.clear()
+            self._marked_states.clear()
+            self._mark = mark
+        return mark
+
+    def _marked(self, f: Facts, mark: int) -> bool:
+        """Mark a series counted in the window `mark` (its index & _WINDOW_BITS); False if it
+        already was. The marked states are shared ints, one per kind and window."""
+        st = f.state
+        if st & _WINDOW_BITS == mark:
+            return False
+        kid = st >> 32
+        new = self._marks.get(kid)
+        if new is None:
+            new = self._marks[kid] = (kid << 32) | mark
+            self._marked_states.add(new)
+        f.state = new
+        return True
 
     def _new_facts_prw(self, key: bytes) -> Facts:
         name = ""
@@ -262,35 +333,26 @@ class Governance:
         points: list[int] | None,
         now_s: float,
     ) -> None:
-        names = list(map(_NAME_OF, facts))
+        mark = self._window_mark(stats, now_s)
+        # Datapoints are held per state (kind and window mark) by a C-level Counter update, and
+        # counted per name and group when the stats are read (_fold): a request costs no
+        # Python step per series or per kind.
+        states = list(map(_STATE_OF, facts))
         if points is None:
-            stats.add_datapoints(collections.Counter(names), now_s)
+            self._held.update(states)
         else:
-            per: dict[str, int] = {}
-            for name, n in zip(names, points, strict=True):
-                per[name] = per.get(name, 0) + n
-            stats.add_datapoints(per, now_s)
-        if not stats.full:
+            held = self._held
+            for st, n in zip(states, points, strict=True):
+                held[st] += n
+        if not stats.full or self._marked_states.issuperset(states):
             return
-        index = stats.index
-        groups = list(map(_GROUP_OF, facts)) if stats.labels else None
-        if groups is not None:
-            if points is None:
-                stats.add_group_datapoints(collections.Counter(groups), now_s)
-            else:
-                per_g: dict[tuple[str, ...], int] = {}
-                for gk, n in zip(groups, points, strict=True):
-                    per_g[gk] = per_g.get(gk, 0) + n
-                stats.add_group_datapoints(per_g, now_s)
         # Series are added to the trackers once per window: at their first sight in it.
-        fresh = list(itertools.compress(range(len(facts)), map(index.__ne__, map(_SEEN_OF, facts))))
-        if not fresh:
-            return
         by_name: dict[str, list[int]] = {}
         by_group: dict[Any, list[int]] = {}
-        for i in fresh:
-            f = facts[i]
-            f.seen = index
+        marked = self._marked
+        for i, f in enumerate(facts):
+            if not marked(f, mark):
+                continue
             got = by_name.get(f.name)
             if got is None:
                 by_name[f.name] = [i]
@@ -398,6 +460,7 @@ class Governance:
         stats, limits = self.stats, self.limits if self.limits_active else None
         now_s = self.clock_ms() / 1000
         if stats is not None or limits is not None:
+            self._check_facts()
             rejected, changed = self._govern_otlp(req, stats, limits, tenant, now_s)
             if changed:
                 points, metrics = otlp_codec.count(req)
@@ -544,16 +607,15 @@ class Governance:
         )
 
     def _count_entries(self, stats: Stats, entries: list[tuple[Any, ...]], now_s: float) -> None:
-        index = stats.index
+        mark = self._window_mark(stats, now_s)
         per_group: dict[tuple[str, ...], int] = {}
         by_name: dict[str, list[int]] = {}
         by_group: dict[tuple[str, ...], list[int]] = {}
         for *_, f, h in entries:
             if f.group is not None:
                 per_group[f.group] = per_group.get(f.group, 0) + 1
-            if f.seen == index:
+            if not self._marked(f, mark):
                 continue
-            f.seen = index
             by_name.setdefault(f.name, []).append(h)
             stats.add_label_values(f.name, collections.Counter(f.pairs))
             if f.group is not None:

@@ -9,7 +9,7 @@ pass the time in.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -49,10 +49,39 @@ class Stats:
         self.full = cfg.level == "full"
         self.labels = tuple(cfg.labels)
         self.window_s = cfg.window_s
-        self.metrics: dict[str, Counted] = {}
-        self.groups: dict[tuple[str, ...], Counted] = {}
+        self._metrics: dict[str, Counted] = {}
+        self._groups: dict[tuple[str, ...], Counted] = {}
         self.index = -1  # the current window: floor(now_s / window_s)
-        self.datapoints = 0  # since start, every metric
+        self._datapoints = 0  # since start, every metric
+        # Feeders that hold counts back (see defer): called before anything reads the counts
+        # and before the window rolls.
+        self._deferred: list[Callable[[], None]] = []
+
+    # ---- reading the tables (what is held back is counted first) ------------------------------
+
+    @property
+    def metrics(self) -> dict[str, Counted]:
+        self.flush()
+        return self._metrics
+
+    @property
+    def groups(self) -> dict[tuple[str, ...], Counted]:
+        self.flush()
+        return self._groups
+
+    @property
+    def datapoints(self) -> int:
+        self.flush()
+        return self._datapoints
+
+    def defer(self, flush: Callable[[], None]) -> None:
+        """Let a feeder hold datapoint counts back and add them in bulk (with count_datapoints)
+        when `flush` is called: before any read of the tables and before the window rolls."""
+        self._deferred.append(flush)
+
+    def flush(self) -> None:
+        for flush in self._deferred:
+            flush()
 
     # ---- feeding -----------------------------------------------------------------------------
 
@@ -60,15 +89,16 @@ class Stats:
         """Move to the window `now_s` falls in; returns its index."""
         index = int(now_s // self.window_s)
         if index != self.index:
+            self.flush()  # what was held back belongs to the window that ends
             step = index == self.index + 1
-            for table in (self.metrics, self.groups):
+            for table in (self._metrics, self._groups):
                 # Names and combinations with nothing in either window are forgotten, so
                 # max_metrics bounds what is active, not what was ever seen.
                 for key in [k for k, c in table.items() if not c.window and not c.before]:
                     c = table[key]
                     if c.tracker is None or not c.tracker.count():
                         del table[key]
-            for c in (*self.metrics.values(), *self.groups.values()):
+            for c in (*self._metrics.values(), *self._groups.values()):
                 c.before = c.window if step else 0
                 c.window = 0
                 if c.tracker is not None:
@@ -84,7 +114,7 @@ class Stats:
         c = table.get(key)
         if c is None:
             if len(table) >= self.cfg.max_metrics:
-                key = OTHER if table is self.metrics else (OTHER,) * len(self.labels)
+                key = OTHER if table is self._metrics else (OTHER,) * len(self.labels)
                 c = table.get(key)
                 if c is not None:
                     return c
@@ -92,7 +122,7 @@ class Stats:
             if self.full:
                 tracker = WindowedTracker(self.window_s, self.cfg.exact_limit)
                 tracker.roll(now_s)
-            c = table[key] = Counted(tracker, values={} if table is self.metrics else None)
+            c = table[key] = Counted(tracker, values={} if table is self._metrics else None)
             if c.values is not None and self.full:
                 c.values_before = {}
                 c.distinct = {}
@@ -101,18 +131,23 @@ class Stats:
     def add_datapoints(self, per_name: Mapping[str, int], now_s: float) -> None:
         """Datapoints per metric name of one request."""
         self.roll(now_s)
-        metrics = self.metrics
+        self.count_datapoints(per_name, now_s)
+
+    def count_datapoints(self, per_name: Mapping[str, int], now_s: float) -> None:
+        """Datapoints per metric name, counted in the current window without rolling it (for
+        counts held back by a feeder, see defer)."""
+        metrics = self._metrics
         total = 0
         for name, n in per_name.items():
             c = metrics.get(name) or self._entry(metrics, name, now_s)
             c.total += n
             c.window += n
             total += n
-        self.datapoints += total
+        self._datapoints += total
 
     def add_group_datapoints(self, per_group: Mapping[tuple[str, ...], int], now_s: float) -> None:
         """Datapoints per label combination (`stats.labels`) of one request."""
-        groups = self.groups
+        groups = self._groups
         for key, n in per_group.items():
             c = groups.get(key) or self._entry(groups, key, now_s)
             c.total += n
@@ -120,12 +155,12 @@ class Stats:
 
     def add_series(self, name: str, hashes: list[int], now_s: float) -> None:
         """Series of one metric seen for the first time in this window (full)."""
-        c = self.metrics.get(name) or self._entry(self.metrics, name, now_s)
+        c = self._metrics.get(name) or self._entry(self._metrics, name, now_s)
         if c.tracker is not None:
             c.tracker.add_hashes(hashes)
 
     def add_group_series(self, key: tuple[str, ...], hashes: list[int], now_s: float) -> None:
-        c = self.groups.get(key) or self._entry(self.groups, key, now_s)
+        c = self._groups.get(key) or self._entry(self._groups, key, now_s)
         if c.tracker is not None:
             c.tracker.add_hashes(hashes)
 
@@ -133,7 +168,7 @@ class Stats:
         """The label pairs of series of `name` seen for the first time in this window, each
         with how many such series have it (full): counts series per label value, for the top
         values per metric."""
-        c = self.metrics.get(name)
+        c = self._metrics.get(name)
         if c is None or c.values is None:
             return
         limit = self.cfg.max_label_values
@@ -158,17 +193,19 @@ class Stats:
     def top_metrics(self, k: int, by: str) -> list[tuple[str, int]]:
         """The `k` metrics with the most series (`by="series"`) or datapoints in the last full
         window and this one (`by="datapoints"`)."""
+        self.flush()
         if by == "series":
-            counts = {n: c.series() for n, c in self.metrics.items()}
+            counts = {n: c.series() for n, c in self._metrics.items()}
         else:
-            counts = {n: c.window + c.before for n, c in self.metrics.items()}
+            counts = {n: c.window + c.before for n, c in self._metrics.items()}
         return [(n, int(v)) for n, v in top_k(counts, k)]
 
     def top_values(self, name: str, k: int) -> dict[str, tuple[int, list[tuple[str, int]]]]:
         """Per label of a metric: how many distinct values it had (this window and the
         previous one; at most max_label_values are kept) and its `k` values with the most
         series."""
-        c = self.metrics.get(name)
+        self.flush()
+        c = self._metrics.get(name)
         if c is None or c.values is None:
             return {}
         out = {}
@@ -190,19 +227,21 @@ class Stats:
 
     def memory_bytes(self) -> int:
         """The trackers' bytes (the rest is a few hundred bytes per name)."""
+        self.flush()
         return sum(
             c.tracker.memory_bytes()
-            for c in (*self.metrics.values(), *self.groups.values())
+            for c in (*self._metrics.values(), *self._groups.values())
             if c.tracker is not None
         )
 
     def report(self, top: int) -> dict[str, Any]:
         """The /api/v1/cardinality answer for this pipeline."""
+        self.flush()
         names = {n for n, _ in self.top_metrics(top, "series")} if self.full else set()
         names |= {n for n, _ in self.top_metrics(top, "datapoints")}
         rows = []
         for name in names:
-            c = self.metrics[name]
+            c = self._metrics[name]
             row: dict[str, Any] = {
                 "name": name,
                 "datapoints_window": c.window + c.before,
@@ -224,16 +263,16 @@ class Stats:
         out: dict[str, Any] = {
             "level": self.cfg.level,
             "window_s": self.window_s,
-            "metrics_tracked": len(self.metrics),
-            "datapoints_total": self.datapoints,
+            "metrics_tracked": len(self._metrics),
+            "datapoints_total": self._datapoints,
             "metrics": rows[:top],
         }
         if self.full:
-            out["series_total"] = sum(c.series() for c in self.metrics.values())
+            out["series_total"] = sum(c.series() for c in self._metrics.values())
             out["tracker_bytes"] = self.memory_bytes()
             if self.labels:
-                counts = {"\x00".join(k): c.series() for k, c in self.groups.items()}
-                by_text = {"\x00".join(k): (k, c) for k, c in self.groups.items()}
+                counts = {"\x00".join(k): c.series() for k, c in self._groups.items()}
+                by_text = {"\x00".join(k): (k, c) for k, c in self._groups.items()}
                 out["groups"] = [
                     {
                         "labels": dict(zip(self.labels, by_text[text][0], strict=False)),
