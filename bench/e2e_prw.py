@@ -515,17 +515,42 @@ def run_load(variant: Variant, args: argparse.Namespace, run: int, procs: Procs,
         write_url = f"http://127.0.0.1:{port}/api/v1/write"
 
     pp, vmp = psutil.Process(proxy.pid), psutil.Process(vm.pid)
+
+    def loadgen_cmd(duration: float) -> list[str]:
+        return [
+            PYTHON,
+            str(BENCH / "loadgen.py"),
+            f"--url={write_url}",
+            f"--rate={args.rate}",
+            f"--duration={duration}",
+            f"--connections={args.connections}",
+            f"--series-per-request={args.series_per_request}",
+        ]
+
+    lg_cmd = loadgen_cmd(args.duration)
+    warmup = {}
+    if args.warmup > 0:
+        # The same series (loadgen's pool is seeded) before the measurement: every series'
+        # first sight, and whatever a proxy does once per series, falls outside it.
+        warm = procs.start(
+            "loadgen",
+            loadgen_cmd(args.warmup),
+            tmp / "loadgen-warmup.log",
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        warm_reader = LineReader(warm.stdout)
+        warm_reader.start()
+        warm_done = warm_reader.wait_for("done", timeout=args.warmup + 420)
+        warm.wait(30)
+        warmup = {
+            "seconds": args.warmup,
+            "samples_accepted": warm_done["samples_accepted"],
+            "cpu_s": round(cpu_of(pp), 3),
+        }
+        time.sleep(3)  # what was accepted is delivered before the measurement starts
     rows0 = vm_rows(vm_url)
     before = scrape(tel + "/metrics") if target == "governor" else []
-    lg_cmd = [
-        PYTHON,
-        str(BENCH / "loadgen.py"),
-        f"--url={write_url}",
-        f"--rate={args.rate}",
-        f"--duration={args.duration}",
-        f"--connections={args.connections}",
-        f"--series-per-request={args.series_per_request}",
-    ]
     loadgen = procs.start("loadgen", lg_cmd, tmp / "loadgen.log", stdout=subprocess.PIPE, text=True)
     reader = LineReader(loadgen.stdout)
     reader.start()
@@ -687,6 +712,7 @@ def run_load(variant: Variant, args: argparse.Namespace, run: int, procs: Procs,
         "proxy_cpu_cores_timeline": sampler.cpu_series("proxy"),
         "profile_file": str(profile_file) if profile_file else None,
         "profile_summary": profile_summary,
+        "warmup": warmup,
     }
 
 
@@ -861,7 +887,9 @@ def report(results: list[dict], args: argparse.Namespace, labels: list[str]) -> 
     }
     print(
         f"\n== remote write e2e: {args.rate:,.0f} samples/s offered for {args.duration:.0f}s, "
-        f"{args.series_per_request} series x 10 labels per request, {args.runs} run(s) =="
+        f"{args.series_per_request} series x 10 labels per request, {args.runs} run(s)"
+        + (f", after {args.warmup:.0f}s of the same load (not measured)" if args.warmup else "")
+        + " =="
     )
     for t in targets:
         runs = [r for r in results if r["target"] == t]
@@ -1007,6 +1035,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=180_000, help="offered samples/s")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of load per measurement")
     p.add_argument("--runs", type=int, default=1, help="repeat and report medians")
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=0.0,
+        help="seconds of the same load before each measurement, not measured (first sights)",
+    )
     p.add_argument("--connections", type=int, default=8, help="loadgen connections")
     p.add_argument("--series-per-request", type=int, default=500)
     p.add_argument(
