@@ -343,7 +343,7 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
             print(
                 f"  {c.name} after the run: {len(st.metrics)} names, {len(st.groups)} label"
                 f" combinations, tracker bytes {st.memory_bytes() / MB:.2f} MB,"
-                f" facts cached {len(c.gov.facts):,}"
+                f" facts cached {c.gov.series_cached:,}"
             )
     print("  targets (overhead in samples per CPU-second):")
     for r in rows[1:]:
@@ -437,7 +437,7 @@ def limits_case(args: argparse.Namespace) -> dict[str, Any]:
     groups = {name: len(g) for name, g in engine.groups.items()} if engine else {}
     print(
         f"  limits: groups {groups}; dropped {dropped}; requests rewritten {cases[1].changed}"
-        f"; facts cached {len(gov.facts) if gov is not None else 0:,}"
+        f"; facts cached {gov.series_cached if gov is not None else 0:,}"
     )
     print(
         f"  RSS growth, steady state (before the Governance -> after the last repetition):"
@@ -634,9 +634,9 @@ def facts_memory(n: int) -> dict[str, Any]:
     t0 = time.monotonic()
     _, retained, by_file = traced(run)
     return {
-        "series": len(gov.facts),
+        "series": gov.series_cached,
         "tracemalloc_bytes": retained,
-        "bytes_per_series": retained / len(gov.facts),
+        "bytes_per_series": retained / gov.series_cached,
         "interned_strings": len(gov._strings),
         "interned_pairs": len(gov._pairs),
         "by_file": [(_short(p), s) for p, s in by_file[:6]],

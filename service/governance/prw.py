@@ -177,10 +177,15 @@ def _route(engine: RuleEngine, key: bytes) -> _Cached:
 def series_keys(data: bytes) -> tuple[list[bytes], list[int]]:
     """Each series' serialized labels and their hash (`series_hash`), in the request's order:
     upb parses a labels-only view and serializes it back without the samples, all in C."""
+    keys = label_keys(data)
+    return keys, hash_many(keys)
+
+
+def label_keys(data: bytes) -> list[bytes]:
+    """Each series' serialized labels (see series_keys)."""
     view = LabelsOnlyRequest.FromString(data)
     view.DiscardUnknownFields()
-    keys = list(SeriesBytes.FromString(view.SerializeToString()).timeseries)
-    return keys, hash_many(keys)
+    return list(SeriesBytes.FromString(view.SerializeToString()).timeseries)
 
 
 def _govern_cached(

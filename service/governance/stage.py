@@ -18,10 +18,12 @@ import collections
 import itertools
 import operator
 import re
-from collections.abc import Awaitable, Callable
+from array import array
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import attrs
+import numpy as np
 import trio
 import xxhash
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
@@ -42,6 +44,7 @@ from service.governance import otlp as otlp_gov
 from service.governance import prw as prw_gov
 from service.governance.engine import RuleEngine, SeriesKey
 from service.governance.limits import Decisions, LimitEngine, Series
+from service.governance.series_index import SeriesIndex
 from service.governance.stats import Stats
 from service.governance.windows import Emitted
 from service.telemetry import logs
@@ -59,6 +62,8 @@ _COUNTER_SUFFIXES = ("_total", "_count", "_sum", "_bucket")
 # parsed).
 _NAME_RE = re.compile(rb"__name__\x12([\x01-\x7f][a-zA-Z_:][a-zA-Z0-9_:]*)")
 _INTERN_MAX = 1_000_000
+_HELD_MAX = 256  # requests whose series' states are held before they are counted anyway
+_xxh3 = xxhash.xxh3_64_intdigest  # cardinality.series_hash
 _WINDOW_BITS = 0xFFFFFFFF  # Facts.state's low bits: a window index, modulo 2^32
 _UNSEEN = _WINDOW_BITS  # never a window's index (2^32 - 1 s windows is the year 2106)
 
@@ -109,7 +114,11 @@ class Governance:
         self.limits = limits
         self.clock_ms = clock_ms
         self.series_cache = series_cache
-        self.facts: dict[int, Facts] = {}
+        self.facts: dict[int, Facts] = {}  # OTLP series by hash
+        # Remote write series: their hashes to slots; by slot, their facts and Facts.state.
+        self._index = SeriesIndex()
+        self._slot_facts: list[Facts] = []
+        self._slot_state = np.zeros(1024, dtype=np.int64)
         self.evictions = 0  # times the facts cache was full and its older half forgotten
         self._warn = logs.RateLimited(log, 60.0)
         self._strings: dict[str, str] = {}
@@ -118,11 +127,19 @@ class Governance:
         # What a Facts.state counts under: (name, group) by id, and the id of each.
         self._kinds: list[tuple[str, tuple[str, ...] | None]] = []
         self._kind_ids: dict[tuple[str, tuple[str, ...] | None], int] = {}
+        # By kind id: the id of its name (in _names) and of its group (in _groups; -1: none).
+        self._kind_name = array("q")
+        self._kind_group = array("q")
+        self._names: list[str] = []
+        self._name_ids: dict[str, int] = {}
+        self._groups: list[tuple[str, ...]] = []
+        self._group_ids: dict[tuple[str, ...], int] = {}
         self._marks: dict[int, int] = {}  # kind id -> its state in the window of _mark
-        self._marked_states: set[int] = set()  # _marks' values
         self._mark = -1
-        # Remote write datapoints per Facts.state, not yet in the stats (see _fold).
-        self._held: collections.Counter[int] = collections.Counter()
+        # Remote write series' states, one array a request (with their datapoints when not one
+        # each), not yet counted in the stats (see _fold).
+        self._held: list[np.ndarray] = []
+        self._held_points: list[tuple[np.ndarray, np.ndarray]] = []
         if stats is not None:
             stats.defer(self._fold)
 
@@ -150,29 +167,50 @@ class Governance:
             self._forget_facts()
             self._facts_labels = labels
 
+    @property
+    def series_cached(self) -> int:
+        """Distinct series whose facts are cached (remote write and OTLP)."""
+        return len(self._index) + len(self.facts)
+
     def _forget_facts(self) -> None:
         self._fold()  # the held states name kinds about to be forgotten
         self.facts.clear()
+        self._index = SeriesIndex()
+        self._slot_facts.clear()
         self._kinds.clear()
         self._kind_ids.clear()
+        del self._kind_name[:], self._kind_group[:]
+        self._names.clear()
+        self._name_ids.clear()
+        self._groups.clear()
+        self._group_ids.clear()
         self._marks.clear()
-        self._marked_states.clear()
 
     def _fold(self) -> None:
         """Count the held datapoints in the stats, per name and per group (the stats call it
         before they are read and before their window rolls)."""
-        held = self._held
-        if not held or self.stats is None:
+        held, weighted = self._held, self._held_points
+        if not (held or weighted) or self.stats is None:
             return
-        kinds = self._kinds
+        n = len(self._kinds)
+        per_kind = np.zeros(n, dtype=np.int64)
+        if held:
+            per_kind += np.bincount(np.concatenate(held) >> 32, minlength=n)
+        if weighted:
+            kinds = np.concatenate([st for st, _ in weighted]) >> 32
+            points = np.concatenate([p for _, p in weighted])
+            per_kind += np.bincount(kinds, weights=points, minlength=n).astype(np.int64)
+        held.clear()
+        weighted.clear()
+        kinds_of = self._kinds
         per_name: dict[str, int] = {}
         per_group: dict[tuple[str, ...], int] = {}
-        for st, n in held.items():
-            name, group = kinds[st >> 32]
-            per_name[name] = per_name.get(name, 0) + n
+        nonzero = np.flatnonzero(per_kind)
+        for kid, count in zip(nonzero.tolist(), per_kind[nonzero].tolist(), strict=True):
+            name, group = kinds_of[kid]
+            per_name[name] = per_name.get(name, 0) + count
             if group is not None:
-                per_group[group] = per_group.get(group, 0) + n
-        held.clear()
+                per_group[group] = per_group.get(group, 0) + count
         now_s = self.stats.index * self.stats.window_s
         self.stats.count_datapoints(per_name, now_s)
         if per_group:
@@ -199,15 +237,22 @@ class Governance:
             stats.add_datapoints(per_name or _points_per_name(data), now_s)
         elif stats is not None or limits is not None:
             self._check_facts()
-            keys, ids = keys_ids = prw_gov.series_keys(data)
-            facts = self._facts_of(keys, ids)
+            keys = prw_gov.label_keys(data)
+            hashes = np.fromiter(map(_xxh3, keys), dtype=np.uint64, count=len(keys))
+            slots = self._slots_of(keys, hashes)
             points = None if single else _points_per_series(data)
             if stats is not None:
-                self._count_prw(stats, facts, ids, points, now_s)
+                self._count_prw(stats, slots, hashes, points, now_s)
+            if limits is not None or self.rules_active:
+                ids = hashes.tolist()
+                keys_ids = (keys, ids)
             if limits is not None:
+                facts = list(map(self._slot_facts.__getitem__, slots.tolist()))
                 decided = self._limit(limits, facts, ids, points, tenant, now_s)
                 if decided.changed:
                     changed, removed = self._apply_prw(limits, data, keys, facts, ids, decided)
+            if len(self._index) > self.series_cache:  # one request had more new series
+                self._evict_prw(self.series_cache // 2)
         if changed is not None:
             data = changed
             counts_after = prw_codec.count(data)
@@ -236,16 +281,42 @@ class Governance:
             counts.histograms,
         )
 
-    def _facts_of(self, keys: list[bytes], ids: list[int]) -> list[Facts]:
-        cache = self.facts
-        facts = list(map(cache.get, ids))
-        if None in facts:
-            for i, f in enumerate(facts):
-                if f is None:
-                    if len(cache) >= self.series_cache:
-                        self._evict()
-                    facts[i] = cache[ids[i]] = self._new_facts_prw(keys[i])
-        return facts  # type: ignore[return-value]
+    def _slots_of(self, keys: list[bytes], hashes: np.ndarray) -> np.ndarray:
+        """The slot of each series of a request; a series seen for the first time gets its
+        facts worked out and a new slot."""
+        index = self._index
+        slots = index.lookup(hashes)
+        missing = np.flatnonzero(slots < 0)
+        if not missing.size:
+            return slots
+        if len(index) + missing.size > self.series_cache and len(index):
+            # Room for the request's new series: the older half goes, or more if need be (a
+            # request's series all get a slot; prw() trims the cache after the request).
+            self._evict_prw(max(0, min(len(index) // 2, self.series_cache - missing.size)))
+            slots = index.lookup(hashes)
+            missing = np.flatnonzero(slots < 0)
+        added: dict[int, int] = {}  # a series sent twice in the request gets one slot
+        for i, h in zip(missing.tolist(), hashes[missing].tolist(), strict=True):
+            slot = added.get(h)
+            if slot is None:
+                f = self._new_facts_prw(keys[i])
+                slot = added[h] = index.add(h)
+                self._slot_facts.append(f)
+                if slot >= self._slot_state.size:
+                    grown = np.zeros(2 * self._slot_state.size, dtype=np.int64)
+                    grown[: self._slot_state.size] = self._slot_state
+                    self._slot_state = grown
+                self._slot_state[slot] = f.state
+            slots[i] = slot
+        return slots
+
+    def _evict_prw(self, keep: int) -> None:
+        """Forget all but the `keep` newest remote-write series (the slots move down)."""
+        cut = self._index.keep_newest(keep)
+        del self._slot_facts[:cut]
+        kept = len(self._index)
+        self._slot_state[:kept] = self._slot_state[cut : cut + kept].copy()
+        self._evicted()
 
     def _evict(self) -> None:
         """Make room in the facts cache: forget the older half of it (dicts keep insertion
@@ -254,6 +325,9 @@ class Governance:
         cache = self.facts
         for key in list(itertools.islice(cache, len(cache) // 2 or 1)):
             del cache[key]
+        self._evicted()
+
+    def _evicted(self) -> None:
         self.evictions += 1
         self._warn.warning(
             "series_cache",
@@ -288,16 +362,32 @@ class Governance:
         kind = (name, group)
         kid = self._kind_ids.get(kind)
         if kid is None:
-            kid = self._kind_ids[kind] = len(self._kinds)
-            self._kinds.append(kind)
-        return Facts(name, pairs, group, (kid << 32) | _UNSEEN)
+            kid = self._new_kind(name, group)
+        return Facts(name, pairs, self._kinds[kid][1], (kid << 32) | _UNSEEN)
+
+    def _new_kind(self, name: str, group: tuple[str, ...] | None) -> int:
+        kid = self._kind_ids[(name, group)] = len(self._kinds)
+        nid = self._name_ids.get(name)
+        if nid is None:
+            nid = self._name_ids[name] = len(self._names)
+            self._names.append(name)
+        gid = -1
+        if group is not None:
+            gid = self._group_ids.get(group, -1)
+            if gid < 0:
+                gid = self._group_ids[group] = len(self._groups)
+                self._groups.append(group)
+            group = self._groups[gid]  # one tuple for every series of the group
+        self._kinds.append((name, group))
+        self._kind_name.append(nid)
+        self._kind_group.append(gid)
+        return kid
 
     def _window_mark(self, stats: Stats, now_s: float) -> int:
         """Roll the stats to `now_s`; the mark of its window (for Facts.state)."""
         mark = stats.roll(now_s) & _WINDOW_BITS
         if mark != self._mark:
             self._marks.clear()
-            self._marked_states.clear()
             self._mark = mark
         return mark
 
@@ -311,7 +401,6 @@ class Governance:
         new = self._marks.get(kid)
         if new is None:
             new = self._marks[kid] = (kid << 32) | mark
-            self._marked_states.add(new)
         f.state = new
         return True
 
@@ -328,45 +417,48 @@ class Governance:
     def _count_prw(
         self,
         stats: Stats,
-        facts: list[Facts],
-        ids: list[int],
+        slots: np.ndarray,
+        hashes: np.ndarray,
         points: list[int] | None,
         now_s: float,
     ) -> None:
         mark = self._window_mark(stats, now_s)
-        # Datapoints are held per state (kind and window mark) by a C-level Counter update, and
-        # counted per name and group when the stats are read (_fold): a request costs no
-        # Python step per series or per kind.
-        states = list(map(_STATE_OF, facts))
+        # The series' states are held, an array a request, and counted per name and group when
+        # the stats are read (_fold): a request costs no Python step per series or per kind.
+        states = self._slot_state[slots]
         if points is None:
-            self._held.update(states)
+            self._held.append(states)
         else:
-            held = self._held
-            for st, n in zip(states, points, strict=True):
-                held[st] += n
-        if not stats.full or self._marked_states.issuperset(states):
+            self._held_points.append((states, np.array(points, dtype=np.int64)))
+        if len(self._held) + len(self._held_points) >= _HELD_MAX:
+            self._fold()
+        if not stats.full:
+            return
+        fresh = (states & _WINDOW_BITS) != mark
+        if not fresh.any():
             return
         # Series are added to the trackers once per window: at their first sight in it.
-        by_name: dict[str, list[int]] = {}
-        by_group: dict[Any, list[int]] = {}
-        marked = self._marked
-        for i, f in enumerate(facts):
-            if not marked(f, mark):
-                continue
-            got = by_name.get(f.name)
-            if got is None:
-                by_name[f.name] = [i]
-            else:
-                got.append(i)
-            if f.group is not None:
-                by_group.setdefault(f.group, []).append(ids[i])
-        for name, pos in by_name.items():
-            stats.add_series(name, list(map(ids.__getitem__, pos)), now_s)
+        at = np.flatnonzero(fresh)
+        fresh_slots, first = np.unique(slots[at], return_index=True)  # a slot once
+        at = at[first]
+        kinds = states[at] >> 32
+        self._slot_state[fresh_slots] = (kinds << 32) | mark
+        fresh_hashes = hashes[at]
+        slot_facts = self._slot_facts
+        names = np.frombuffer(self._kind_name, dtype=np.int64)[kinds]
+        for nid, pos in _positions_of(names):
+            name = self._names[nid]
+            stats.add_series(name, fresh_hashes[pos], now_s)
             # Every label pair of the metric's new series, counted in C.
-            pairs = itertools.chain.from_iterable(map(_PAIRS_OF, map(facts.__getitem__, pos)))
-            stats.add_label_values(name, collections.Counter(pairs))
-        for gk, hashes in by_group.items():
-            stats.add_group_series(gk, hashes, now_s)
+            of_name = map(slot_facts.__getitem__, fresh_slots[pos].tolist())
+            stats.add_label_values(
+                name, collections.Counter(itertools.chain.from_iterable(map(_PAIRS_OF, of_name)))
+            )
+        if stats.labels:
+            groups = np.frombuffer(self._kind_group, dtype=np.int64)[kinds]
+            for gid, pos in _positions_of(groups):
+                if gid >= 0:
+                    stats.add_group_series(self._groups[gid], fresh_hashes[pos], now_s)
 
     def _limit(
         self,
@@ -662,6 +754,17 @@ class Governance:
         rest = self.due(force=True)
         if rest:
             await emit(rest)
+
+
+def _positions_of(keys: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """Each distinct key of an int array with its positions, in order: one stable sort."""
+    if not keys.size:
+        return
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    bounds = [0, *(np.flatnonzero(ordered[1:] != ordered[:-1]) + 1).tolist(), keys.size]
+    for start, end in itertools.pairwise(bounds):
+        yield int(ordered[start]), order[start:end]
 
 
 def _positions_by(keys: list[K]) -> dict[K, list[int]]:

@@ -1,0 +1,74 @@
+"""SeriesIndex: series hashes to slots, in the order added, looked up a request at a time."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.governance.series_index import SeriesIndex
+
+_hashes = st.integers(min_value=0, max_value=2**64 - 1)
+
+
+def test_slots_are_given_in_the_order_hashes_are_added_and_absent_hashes_are_minus_one() -> None:
+    index = SeriesIndex()
+    assert [index.add(h) for h in (7, 2**64 - 1, 12345)] == [0, 1, 2]
+    got = index.lookup(np.array([12345, 8, 7, 2**64 - 1, 12345], dtype=np.uint64))
+    assert got.tolist() == [2, -1, 0, 1, 2]
+    assert (len(index), index.get(8), index.get(2**64 - 1)) == (3, -1, 1)
+
+
+def test_a_hash_of_zero_is_held_like_any_other() -> None:
+    index = SeriesIndex()
+    assert index.get(0) == -1
+    assert index.add(0) == 0
+    assert index.lookup(np.array([0, 0], dtype=np.uint64)).tolist() == [0, 0]
+
+
+def test_hashes_that_share_a_cell_are_probed_past_each_other() -> None:
+    """Hashes equal in their low bits start at the same cell and are found one after the
+    other, also across the table's wrap-around and after it grows."""
+    index = SeriesIndex()
+    same_cell = [1023 | i << 40 for i in range(1, 600)]  # all start at the last cell
+    for h in same_cell:
+        index.add(h)
+    looked = index.lookup(np.array(same_cell[::-1], dtype=np.uint64))
+    assert looked.tolist() == list(range(len(same_cell)))[::-1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_hashes, max_size=3000, unique=True), st.lists(_hashes, max_size=200))
+def test_lookups_agree_with_a_dict(added: list[int], others: list[int]) -> None:
+    index = SeriesIndex()
+    expected = {}
+    for h in added:
+        expected[h] = index.add(h)
+    queries = added[::7] + others
+    got = index.lookup(np.array(queries, dtype=np.uint64))
+    assert got.tolist() == [expected.get(h, -1) for h in queries]
+    assert len(index) == len(added)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(_hashes, min_size=1, max_size=3000, unique=True), st.integers(0, 3000))
+def test_keeping_the_newest_renumbers_them_in_order_and_forgets_the_rest(
+    added: list[int], keep: int
+) -> None:
+    index = SeriesIndex()
+    for h in added:
+        index.add(h)
+    cut = index.keep_newest(keep)
+    kept = added[cut:]
+    assert cut == max(0, len(added) - keep)
+    assert len(index) == len(kept)
+    got = index.lookup(np.array(added, dtype=np.uint64))
+    assert got.tolist() == [-1] * cut + list(range(len(kept)))
+    assert index.add(2**64 - 2 if 2**64 - 2 not in added else 3) == len(kept)
+
+
+def test_memory_is_16_bytes_a_cell_and_the_table_at_most_half_full() -> None:
+    index = SeriesIndex()
+    for h in range(1, 100_001):
+        index.add(h * 0x9E3779B1)
+    assert 2 * len(index) <= index.memory_bytes() // 16 <= 8 * len(index)
