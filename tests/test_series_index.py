@@ -26,15 +26,20 @@ def test_a_hash_of_zero_is_held_like_any_other() -> None:
     assert index.lookup(np.array([0, 0], dtype=np.uint64)).tolist() == [0, 0]
 
 
-def test_hashes_that_share_a_cell_are_probed_past_each_other() -> None:
-    """Hashes equal in their low bits start at the same cell and are found one after the
-    other, also across the table's wrap-around and after it grows."""
+def test_hashes_that_share_a_bucket_overflow_into_the_next_ones() -> None:
+    """Hashes equal in their low bits all want the same (last) bucket: past its 8 cells they
+    go on into the next buckets, wrapping around to the first, and are all found, also after
+    the table grows and after an eviction rebuilds it."""
     index = SeriesIndex()
-    same_cell = [1023 | i << 40 for i in range(1, 600)]  # all start at the last cell
-    for h in same_cell:
+    same_bucket = [1023 | i << 40 for i in range(1, 600)]
+    for h in same_bucket:
         index.add(h)
-    looked = index.lookup(np.array(same_cell[::-1], dtype=np.uint64))
-    assert looked.tolist() == list(range(len(same_cell)))[::-1]
+    looked = index.lookup(np.array(same_bucket[::-1], dtype=np.uint64))
+    assert looked.tolist() == list(range(len(same_bucket)))[::-1]
+    assert index.get(1023 | 700 << 40) == -1
+    index.keep_newest(300)
+    looked = index.lookup(np.array(same_bucket, dtype=np.uint64))
+    assert looked.tolist() == [-1] * 299 + list(range(300))
 
 
 @settings(max_examples=60, deadline=None)
