@@ -130,6 +130,7 @@ class Governance:
         # By kind id: the id of its name (in _names) and of its group (in _groups; -1: none).
         self._kind_name = array("q")
         self._kind_group = array("q")
+        self._kind_unseen: list[int] = []  # its Facts.state before a first count
         self._names: list[str] = []
         self._name_ids: dict[str, int] = {}
         self._groups: list[tuple[str, ...]] = []
@@ -179,7 +180,7 @@ class Governance:
         self._slot_facts.clear()
         self._kinds.clear()
         self._kind_ids.clear()
-        del self._kind_name[:], self._kind_group[:]
+        del self._kind_name[:], self._kind_group[:], self._kind_unseen[:]
         self._names.clear()
         self._name_ids.clear()
         self._groups.clear()
@@ -363,7 +364,7 @@ class Governance:
         kid = self._kind_ids.get(kind)
         if kid is None:
             kid = self._new_kind(name, group)
-        return Facts(name, pairs, self._kinds[kid][1], (kid << 32) | _UNSEEN)
+        return Facts(name, pairs, self._kinds[kid][1], self._kind_unseen[kid])
 
     def _new_kind(self, name: str, group: tuple[str, ...] | None) -> int:
         kid = self._kind_ids[(name, group)] = len(self._kinds)
@@ -381,6 +382,7 @@ class Governance:
         self._kinds.append((name, group))
         self._kind_name.append(nid)
         self._kind_group.append(gid)
+        self._kind_unseen.append((kid << 32) | _UNSEEN)  # one int for all its series
         return kid
 
     def _window_mark(self, stats: Stats, now_s: float) -> int:
