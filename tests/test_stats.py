@@ -44,6 +44,7 @@ from service._proto.prometheus.types_pb2 import BucketSpan, Label, Sample, TimeS
 from service._proto.prometheus.types_pb2 import Histogram as NativeHistogram
 from service.app import Addresses, App
 from service.codec import otlp as otlp_codec
+from service.codec.errors import BadProtobuf
 from service.config import StatsConfig, config_from_dict
 from service.governance.activity import StatsCollector
 from service.governance.cardinality import hash_many
@@ -389,6 +390,27 @@ def test_full_counts_datapoints_in_the_window_they_arrived_in_when_read_later() 
         ("",): (2, 0),
     }
     assert g.stats.datapoints == 9
+
+
+@pytest.mark.parametrize("level", ["basic", "full"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\x0a\x05\x0a\x03\x0a",  # a label cut short
+        b"\x0a\x04\x0a\x02\x0a\xff",  # a label name that is not UTF-8
+        b"\xff\xff\xff",
+    ],
+)
+def test_a_body_that_is_not_a_write_request_is_refused_at_every_level(
+    level: str, body: bytes
+) -> None:
+    """Stats read a request's series only after, or as part of, validating it whole: a body
+    that is not a WriteRequest is refused with the codec's one-line reason, and counts
+    nothing."""
+    g = governed(level=level)
+    with pytest.raises(BadProtobuf, match="body is not a valid protobuf WriteRequest"):
+        g.gov.prw(body, "")
+    assert (g.stats.datapoints, dict(g.stats.metrics)) == (0, {})
 
 
 def test_series_that_stop_sending_count_until_the_end_of_the_next_window() -> None:

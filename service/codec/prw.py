@@ -63,16 +63,18 @@ def decode(data: bytes) -> tuple[WriteRequest, Counts]:
     return req, Counts(len(series), samples, histograms)
 
 
-def count(data: bytes) -> Counts:
+def count(data: bytes, series: int | None = None) -> Counts:
     """Validate a serialized WriteRequest as fully as `decode` does and count what it holds.
 
     The receiver's hot path: no Python work per series. Parsing into MergedWriteRequest checks
     every field (UTF-8 included) and merges all series into one, whose lists give the sample and
-    histogram counts; SeriesBytes gives the series count. Raises BadProtobuf like `decode`.
+    histogram counts; SeriesBytes gives the series count, unless the caller knows it already
+    (`series`). Raises BadProtobuf like `decode`.
     """
     try:
         merged = MergedWriteRequest.FromString(data).timeseries
-        series = len(SeriesBytes.FromString(data).timeseries)
+        if series is None:
+            series = len(SeriesBytes.FromString(data).timeseries)
     except _PBDecodeError:
         raise BadProtobuf("body is not a valid protobuf WriteRequest") from None
     return Counts(series, len(merged.samples), len(merged.histograms))

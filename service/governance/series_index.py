@@ -1,12 +1,13 @@
 """A table from 64-bit series hashes to slots, looked up a whole request at a time.
 
 Slots are 0, 1, 2... in the order hashes were first added, so per-series data can live in arrays
-(or lists) indexed by slot. The table is NumPy arrays of buckets of 8 cells (one 64-byte cache line
-of keys each), kept at most half full; a hash lives in its bucket or, when that is full, in the
-next one with room. A request's hashes are looked up together: one gather of their buckets, one
-comparison, and a second round only for the few whose bucket overflowed. So the memory loads of a
-table far bigger than the CPU caches overlap instead of queueing behind each other (a dict lookup
-per series waits for ~3 cache misses in turn: ~0.3-0.45 us a series at 180k series). Sans-IO.
+(or lists) indexed by slot. The table is a NumPy array of buckets of 8 cells (one 64-byte cache
+line of keys each, followed by their slots), kept at most half full; a hash lives in its bucket
+or, when that is full, in the next one with room. A request's hashes are looked up together: one
+gather of their buckets, one comparison, and a second round only for the few whose bucket
+overflowed. So the memory loads of a table far bigger than the CPU caches overlap instead of
+queueing behind each other (a dict lookup per series waits for ~3 cache misses in turn: ~0.3-0.45
+us a series at 180k series). Sans-IO.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ import numpy as np
 __all__ = ["SeriesIndex"]
 
 _WIDTH = 8  # cells a bucket
+# A bucket is one row of 12 uint64: 8 keys, then their 8 slots as int32 pairs, so the slot comes
+# with the key in the same fetch (the row's int32 view: slots at 16..23).
+_ROW = _WIDTH + _WIDTH // 2
+_SLOT0 = 2 * _WIDTH
 _EMPTY = 0
 # 0 marks an empty cell, so a hash of 0 is kept as this one instead (two series then share a slot
 # only if one hashes to 0 and the other to this: as likely as any 64-bit collision).
@@ -26,7 +31,7 @@ _MIN_BUCKETS = 128
 class SeriesIndex:
     """Series hashes to slots 0..len-1, in the order added."""
 
-    __slots__ = ("_by_slot", "_cells", "_keys", "_mask", "_n", "_used")
+    __slots__ = ("_by_slot", "_mask", "_n", "_rows", "_used")
 
     def __init__(self) -> None:
         self._n = 0
@@ -39,24 +44,24 @@ class SeriesIndex:
         """The slot of each hash (a uint64 array), -1 where the table does not hold it."""
         if not hashes.all():
             hashes = np.where(hashes == _EMPTY, np.uint64(_ZERO_ALIAS), hashes)
-        keys, cells, mask = self._keys, self._cells, self._mask
+        table, mask = self._rows, self._mask
         bucket = hashes & np.uint64(mask)
         # One round for all (as few NumPy calls as can be: each costs ~1-3 us a request).
-        rows = keys[bucket]
-        eq = rows == hashes[:, None]
+        rows = table[bucket]
+        eq = rows[:, :_WIDTH] == hashes[:, None]
         col = eq.argmax(axis=1)
-        hit = eq[np.arange(hashes.size), col]
-        out = np.where(hit, cells[bucket, col], -1)
+        at = np.arange(hashes.size)
+        out = np.where(eq[at, col], rows.view(np.int32)[at, _SLOT0 + col], -1).astype(np.int64)
         # Not in its bucket: in a later one only if that one is full.
-        todo = np.flatnonzero(~hit & (rows[:, _WIDTH - 1] != _EMPTY))
+        todo = np.flatnonzero((out < 0) & (rows[:, _WIDTH - 1] != _EMPTY))
         while todo.size:
             bucket[todo] = (bucket[todo] + np.uint64(1)) & np.uint64(mask)
-            b = bucket[todo]
-            rows = keys[b]
-            eq = rows == hashes[todo, None]
+            rows = table[bucket[todo]]
+            eq = rows[:, :_WIDTH] == hashes[todo, None]
             col = eq.argmax(axis=1)
-            hit = eq[np.arange(todo.size), col]
-            out[todo[hit]] = cells[b[hit], col[hit]]
+            at = np.arange(todo.size)
+            hit = eq[at, col]
+            out[todo[hit]] = rows.view(np.int32)[at[hit], _SLOT0 + col[hit]]
             todo = todo[~hit & (rows[:, _WIDTH - 1] != _EMPTY)]
         return out
 
@@ -67,15 +72,15 @@ class SeriesIndex:
     def add(self, h: int) -> int:
         """Add a hash the table does not hold; returns its slot (the next one)."""
         h = h or _ZERO_ALIAS
-        if 2 * (self._n + 1) > self._keys.size:
+        if 2 * (self._n + 1) > (self._mask + 1) * _WIDTH:
             self._rebuild(self._by_slot[: self._n].copy(), 2 * (self._mask + 1))
         slot = self._n
         b, mask, used = h & self._mask, self._mask, self._used
         while used[b] == _WIDTH:
             b = (b + 1) & mask
         col = used[b]
-        self._keys[b, col] = h
-        self._cells[b, col] = slot
+        self._rows[b, col] = h
+        self._rows.view(np.int32)[b, _SLOT0 + col] = slot
         used[b] = col + 1
         self._by_slot[slot] = h
         self._n += 1
@@ -94,14 +99,14 @@ class SeriesIndex:
         self.__init__()  # type: ignore[misc]
 
     def memory_bytes(self) -> int:
-        return self._keys.nbytes + self._cells.nbytes + self._by_slot.nbytes + self._used.nbytes
+        return self._rows.nbytes + self._by_slot.nbytes + self._used.nbytes
 
     def _rebuild(self, by_slot: np.ndarray, buckets: int) -> None:
         """A table of `buckets` buckets holding `by_slot` (slot i: by_slot[i]), placed all at
         once: each round, every bucket takes as many of the keys still unplaced that want it as
         it has room for (in slot order), and the others move on to the next bucket."""
-        keys = self._keys = np.zeros((buckets, _WIDTH), dtype=np.uint64)
-        cells = self._cells = np.zeros((buckets, _WIDTH), dtype=np.int32)
+        rows = self._rows = np.zeros((buckets, _ROW), dtype=np.uint64)
+        slots = rows.view(np.int32)
         used = self._used = np.zeros(buckets, dtype=np.int64)
         self._mask = mask = buckets - 1
         self._by_slot = np.zeros(buckets * _WIDTH // 2, dtype=np.uint64)
@@ -117,8 +122,8 @@ class SeriesIndex:
             col = used[ordered] + np.arange(ordered.size) - first
             fits = col < _WIDTH
             won = todo[order[fits]]
-            keys[ordered[fits], col[fits]] = by_slot[won]
-            cells[ordered[fits], col[fits]] = won
+            rows[ordered[fits], col[fits]] = by_slot[won]
+            slots[ordered[fits], _SLOT0 + col[fits]] = won
             np.add.at(used, ordered[fits], 1)
             todo = todo[order[~fits]]
             bucket[todo] = (bucket[todo] + 1) & mask

@@ -26,6 +26,7 @@ import attrs
 import numpy as np
 import trio
 import xxhash
+from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
 )
@@ -221,14 +222,21 @@ class Governance:
 
     def prw(self, data: bytes, tenant: str = "") -> prw_gov.Governed:
         """Validate a serialized WriteRequest (raises BadProtobuf) and govern it."""
-        counts = prw_codec.count(data)
-        single = not counts.histograms and counts.samples == counts.series
         stats, limits = self.stats, self.limits if self.limits_active else None
+        keys = None
+        if (stats is not None and stats.full) or limits is not None:
+            # Each series' labels, read first: their number saves count() a parse.
+            try:
+                keys = prw_gov.label_keys(data)
+            except DecodeError:
+                raise BadProtobuf("body is not a valid protobuf WriteRequest") from None
+        counts = prw_codec.count(data, None if keys is None else len(keys))
+        single = not counts.histograms and counts.samples == counts.series
         now_s = self.clock_ms() / 1000
         removed = 0
         changed = None
         keys_ids = None
-        if stats is not None and not stats.full and limits is None:
+        if keys is None and stats is not None:
             names = _NAME_RE.findall(data) if single else None
             per_name = None
             if names is not None and len(names) == counts.series:
@@ -236,9 +244,8 @@ class Governance:
                 if all(k[0] == len(k) - 1 for k in found):
                     per_name = {k[1:].decode(): n for k, n in found.items()}
             stats.add_datapoints(per_name or _points_per_name(data), now_s)
-        elif stats is not None or limits is not None:
+        elif keys is not None:
             self._check_facts()
-            keys = prw_gov.label_keys(data)
             hashes = np.fromiter(map(_xxh3, keys), dtype=np.uint64, count=len(keys))
             slots = self._slots_of(keys, hashes)
             points = None if single else _points_per_series(data)
