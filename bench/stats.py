@@ -44,7 +44,7 @@ rendering the requests is not. Figures are samples per CPU-second.
    so every tracker is an exact set), and workload.py's 8 names. Each in a fresh process:
    tracemalloc's retained bytes, the RSS growth (another fresh process, without tracemalloc) and
    `Stats.memory_bytes()`. Then, apart, the facts cache that Governance keeps per distinct series
-   for full stats and limits (`Governance.facts` and its interned strings): tracemalloc's
+   for full stats and limits (its series index, the Facts and interned strings): tracemalloc's
    retained bytes after one pass over `--facts-series` workload.py series.
 
 Prints figures; asserts nothing. The code measured (the imported `service` package, its sources'
@@ -76,6 +76,7 @@ from array import array
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import psutil
 import workload
 
@@ -629,7 +630,7 @@ def facts_memory(n: int) -> dict[str, Any]:
         gov._check_facts()
         for tpl in pool:
             keys, ids = series_keys(workload.render(tpl, clock.ms))
-            gov._facts_of(keys, ids)
+            gov._slots_of(keys, np.array(ids, dtype=np.uint64))
 
     t0 = time.monotonic()
     _, retained, by_file = traced(run)
