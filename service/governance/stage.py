@@ -76,9 +76,10 @@ class Facts:
     name: str
     pairs: tuple[tuple[str, str], ...]  # its labels but `__name__`, interned
     group: tuple[str, ...] | None  # stats: its values of `stats.labels`
-    # stats: (the id of its (name, group) << 32) | the window it was last counted in (its low
-    # 32 bits; _UNSEEN before). One int per series says what to count it under and whether it
-    # is new in the window, so a request's series are counted by one C-level Counter.
+    # stats: (the id of its kind, (name, group), << 32) | the window it was last counted in
+    # (its low 32 bits; _UNSEEN before). One int says what to count the series under and
+    # whether it is new in the window. Remote write keeps it in an array by slot (the value
+    # here is the first one), OTLP here.
     state: int = 0
     limits: int = 0  # LimitEngine.match_id(...) for `generation` (0: no limit applies)
     generation: int = -1
@@ -88,8 +89,6 @@ class Facts:
         return dict(self.pairs)
 
 
-_NAME_OF = operator.attrgetter("name")
-_STATE_OF = operator.attrgetter("state")
 _PAIRS_OF = operator.attrgetter("pairs")
 _GENERATION_OF = operator.attrgetter("generation")
 _LIMITS_OF = operator.attrgetter("limits")
