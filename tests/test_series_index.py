@@ -55,6 +55,25 @@ def test_lookups_agree_with_a_dict(added: list[int], others: list[int]) -> None:
     assert len(index) == len(added)
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(_hashes, max_size=700), max_size=6))
+def test_adding_many_at_once_is_adding_them_one_by_one(batches: list[list[int]]) -> None:
+    """add_many gives a batch the next slots in order, as add would one by one, across the
+    table's growth; both tables then answer every lookup the same."""
+    seen: set[int] = set()
+    for b in batches:  # each hash once, in its first batch
+        b[:] = [h for h in dict.fromkeys(b) if h not in seen]
+        seen.update(b)
+    one, many = SeriesIndex(), SeriesIndex()
+    for batch in batches:
+        expected = [one.add(h) for h in batch]
+        assert many.add_many(np.array(batch, dtype=np.uint64)).tolist() == expected
+    everything = [h for b in batches for h in b] + [12345678901234567]
+    queries = np.array(everything, dtype=np.uint64)
+    assert many.lookup(queries).tolist() == one.lookup(queries).tolist()
+    assert len(many) == len(one)
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.lists(_hashes, min_size=1, max_size=3000, unique=True), st.integers(0, 3000))
 def test_keeping_the_newest_renumbers_them_in_order_and_forgets_the_rest(

@@ -371,6 +371,25 @@ def test_full_counts_a_series_once_per_window_however_often_it_is_sent() -> None
     }
 
 
+def test_a_series_sent_twice_in_its_first_request_is_one_series() -> None:
+    """The same series twice in the request that first brings it (between others) is one
+    series with one set of label values, and both its datapoints count."""
+    g = governed(level="full")
+    g.prw(
+        series("up", job="api", pod="a"),
+        series("up", job="api", pod="b"),
+        series("up", job="api", pod="a"),
+    )
+
+    assert series_of(g.stats) == {"up": 2}
+    assert datapoints_of(g.stats) == {"up": 3}
+    assert g.stats.top_values("up", 5) == {
+        "job": (1, [("api", 2)]),
+        "pod": (2, [("a", 1), ("b", 1)]),
+    }
+    assert g.gov.series_cached == 2
+
+
 def test_full_counts_datapoints_in_the_window_they_arrived_in_when_read_later() -> None:
     """Full stats hold a request's datapoint counts back and count them per name and group
     when the stats are read; nothing read in between, a window roll still puts each request's

@@ -86,6 +86,22 @@ class SeriesIndex:
         self._n += 1
         return slot
 
+    def add_many(self, hashes: np.ndarray) -> np.ndarray:
+        """Add distinct hashes the table does not hold (a uint64 array); returns their slots,
+        the next ones in order."""
+        if not hashes.all():
+            hashes = np.where(hashes == _EMPTY, np.uint64(_ZERO_ALIAS), hashes)
+        start, n = self._n, self._n + hashes.size
+        if 2 * n > (self._mask + 1) * _WIDTH:
+            buckets = self._mask + 1
+            while 2 * n > buckets * _WIDTH:
+                buckets *= 2
+            self._rebuild(self._by_slot[:start].copy(), buckets)
+        self._by_slot[start:n] = hashes
+        self._place(start, n)
+        self._n = n
+        return np.arange(start, n, dtype=np.int64)
+
     def keep_newest(self, count: int) -> int:
         """Forget all but the `count` most recently added hashes; their slots move down by the
         number forgotten (returned), keeping their order."""
@@ -105,16 +121,21 @@ class SeriesIndex:
         """A table of `buckets` buckets holding `by_slot` (slot i: by_slot[i]), placed all at
         once: each round, every bucket takes as many of the keys still unplaced that want it as
         it has room for (in slot order), and the others move on to the next bucket."""
-        rows = self._rows = np.zeros((buckets, _ROW), dtype=np.uint64)
-        slots = rows.view(np.int32)
-        used = self._used = np.zeros(buckets, dtype=np.int64)
-        self._mask = mask = buckets - 1
+        self._rows = np.zeros((buckets, _ROW), dtype=np.uint64)
+        self._used = np.zeros(buckets, dtype=np.int64)
+        self._mask = buckets - 1
         self._by_slot = np.zeros(buckets * _WIDTH // 2, dtype=np.uint64)
         self._by_slot[: by_slot.size] = by_slot
-        todo = np.arange(by_slot.size)
-        bucket = (by_slot & np.uint64(mask)).astype(np.intp)
+        self._place(0, by_slot.size)
+
+    def _place(self, start: int, end: int) -> None:
+        """Put slots start..end-1 (their keys in _by_slot) into the buckets, all at once."""
+        rows, used, mask, by_slot = self._rows, self._used, self._mask, self._by_slot
+        slots = rows.view(np.int32)
+        todo = np.arange(start, end)
+        bucket = (by_slot[start:end] & np.uint64(mask)).astype(np.intp)  # by slot - start
         while todo.size:
-            b = bucket[todo]
+            b = bucket[todo - start]
             order = np.argsort(b, kind="stable")
             ordered = b[order]
             # Each key's rank among the keys wanting the same bucket this round.
@@ -126,4 +147,4 @@ class SeriesIndex:
             slots[ordered[fits], _SLOT0 + col[fits]] = won
             np.add.at(used, ordered[fits], 1)
             todo = todo[order[~fits]]
-            bucket[todo] = (bucket[todo] + 1) & mask
+            bucket[todo - start] = (bucket[todo - start] + 1) & mask

@@ -20,7 +20,7 @@ import operator
 import re
 from array import array
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import attrs
 import numpy as np
@@ -33,11 +33,12 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 from service._proto.governor.prw_views_pb2 import (
-    LabelsOnlyLabels,
+    LabelsOnlySeries,
     MergedWriteRequest,
     SeriesBytes,
 )
 from service._proto.prometheus.remote_pb2 import WriteRequest
+from service._proto.prometheus.types_pb2 import Label
 from service.codec import otlp as otlp_codec
 from service.codec import prw as prw_codec
 from service.codec.errors import BadProtobuf
@@ -90,6 +91,7 @@ class Facts:
 
 
 _PAIRS_OF = operator.attrgetter("pairs")
+_STATE_OF = operator.attrgetter("state")
 _GENERATION_OF = operator.attrgetter("generation")
 _LIMITS_OF = operator.attrgetter("limits")
 _LSEEN_OF = operator.attrgetter("lseen")
@@ -123,6 +125,7 @@ class Governance:
         self._warn = logs.RateLimited(log, 60.0)
         self._strings: dict[str, str] = {}
         self._pairs: dict[tuple[str, str], tuple[str, str]] = {}
+        self._label_pairs: dict[bytes, tuple[str, str]] = {}  # a Label's bytes -> its pair
         self._facts_labels: tuple[str, ...] = ()
         # What a Facts.state counts under: (name, group) by id, and the id of each.
         self._kinds: list[tuple[str, tuple[str, ...] | None]] = []
@@ -302,19 +305,21 @@ class Governance:
             self._evict_prw(max(0, min(len(index) // 2, self.series_cache - missing.size)))
             slots = index.lookup(hashes)
             missing = np.flatnonzero(slots < 0)
-        added: dict[int, int] = {}  # a series sent twice in the request gets one slot
-        for i, h in zip(missing.tolist(), hashes[missing].tolist(), strict=True):
-            slot = added.get(h)
-            if slot is None:
-                f = self._new_facts_prw(keys[i])
-                slot = added[h] = index.add(h)
-                self._slot_facts.append(f)
-                if slot >= self._slot_state.size:
-                    grown = np.zeros(2 * self._slot_state.size, dtype=np.int64)
-                    grown[: self._slot_state.size] = self._slot_state
-                    self._slot_state = grown
-                self._slot_state[slot] = f.state
-            slots[i] = slot
+        # New series get the next slots, in the order of their first place in the request (a
+        # series sent twice in it gets one slot).
+        new_hashes, first = np.unique(hashes[missing], return_index=True)
+        order = np.argsort(first)
+        new_hashes, first = new_hashes[order], missing[first[order]]
+        facts = [self._new_facts_prw(keys[i]) for i in first.tolist()]
+        new_slots = index.add_many(new_hashes)
+        self._slot_facts += facts
+        end = len(index)
+        if end > self._slot_state.size:
+            grown = np.zeros(max(end, 2 * self._slot_state.size), dtype=np.int64)
+            grown[: self._slot_state.size] = self._slot_state
+            self._slot_state = grown
+        self._slot_state[new_slots] = list(map(_STATE_OF, facts))
+        slots[missing] = index.lookup(hashes[missing])
         return slots
 
     def _evict_prw(self, keep: int) -> None:
@@ -413,14 +418,27 @@ class Governance:
         return True
 
     def _new_facts_prw(self, key: bytes) -> Facts:
+        """A series' facts from its serialized labels. Each label's bytes recur across series
+        (a job, a namespace): they are read once, then found by those bytes."""
+        entries = LabelsOnlySeries.FromString(key).labels
+        known = list(map(self._label_pairs.get, entries))
+        if None in known:
+            known = [p or self._label_pair(b) for p, b in zip(known, entries, strict=True)]
         name = ""
         pairs = []
-        for lb in LabelsOnlyLabels.FromString(key).labels:
-            if lb.name == NAME:
-                name = lb.value
+        for pair in cast(list[tuple[str, str]], known):
+            if pair[0] == NAME:
+                name = pair[1]
             else:
-                pairs.append(self._pair(lb.name, lb.value))
+                pairs.append(pair)
         return self._new_facts(name, tuple(sorted(pairs)))
+
+    def _label_pair(self, entry: bytes) -> tuple[str, str]:
+        if len(self._label_pairs) >= _INTERN_MAX:
+            self._label_pairs.clear()
+        lb = Label.FromString(entry)
+        pair = self._label_pairs[entry] = self._pair(lb.name, lb.value)
+        return pair
 
     def _count_prw(
         self,
