@@ -57,16 +57,16 @@ import sys
 from pathlib import Path
 
 # Run as a script, bench/ is first on sys.path, where bench/queue.py would shadow the standard
-# library's `queue` (imported below and by other modules): take bench/ off the path first. Hence
-# the imports below this line (E402).
+# library's `queue` (imported below and by other modules): move bench/ to the end of the path
+# first. Hence the imports below this line (E402).
 # ruff: noqa: E402
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+_BENCH = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH] + [str(_BENCH)]
 
 import argparse
 import collections
 import contextlib
 import datetime
-import hashlib
 import itertools
 import json
 import os
@@ -84,6 +84,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+import provenance
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -801,27 +802,6 @@ def measure(variant: Variant, args: argparse.Namespace, run: int) -> dict[str, A
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def code_state() -> dict[str, Any]:
-    """Which governor code was measured: HEAD, modified files, and a hash of service/ sources."""
-    h = hashlib.sha256()
-    for f in sorted((ROOT / "service").rglob("*.py")):
-        h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())
-    state: dict[str, Any] = {"service_sha256": h.hexdigest()[:16]}
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        git = ["git", "-C", str(ROOT)]
-        state["head"] = subprocess.run(
-            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        status = subprocess.run(
-            [*git, "status", "--porcelain", "--", "service"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout
-        state["service_changes"] = [line[3:] for line in status.splitlines()]
-    return state
-
-
 # ---- report -----------------------------------------------------------------------------------
 
 _FIGURES = [
@@ -1138,7 +1118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     started = datetime.datetime.now(datetime.UTC)
-    code = code_state()
+    code = provenance.code_state(ROOT / "service")
     for run in range(1, args.runs + 1):
         order = plan if run % 2 else list(reversed(plan))  # alternate who goes first
         for variant in order:

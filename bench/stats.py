@@ -65,7 +65,6 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH] + [str
 import argparse
 import collections
 import gc
-import hashlib
 import json
 import random
 import statistics
@@ -77,6 +76,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import provenance
 import psutil
 import workload
 
@@ -122,34 +122,6 @@ class Clock:
 def rss() -> int:
     gc.collect()
     return psutil.Process().memory_info().rss
-
-
-def code_state() -> dict[str, Any]:
-    """Which governor code was measured: where `service` was imported from, the sha256 of its
-    sources (the same digest as bench/e2e_prw.py's), and HEAD and uncommitted changes when it is
-    this checkout."""
-    pkg = Path(service.__file__).resolve().parent
-    root = pkg.parent
-    h = hashlib.sha256()
-    for f in sorted(pkg.rglob("*.py")):
-        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
-    state: dict[str, Any] = {"service_path": str(pkg), "service_sha256": h.hexdigest()[:16]}
-    if root == _BENCH.parent:
-        git = ["git", "-C", str(root)]
-        try:
-            state["head"] = subprocess.run(
-                [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-            status = subprocess.run(
-                [*git, "status", "--porcelain", "--", "service"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-            ).stdout
-            state["service_changes"] = [line[3:] for line in status.splitlines()]
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return state
 
 
 # ---- running rounds ---------------------------------------------------------------------------
@@ -765,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     # What governor does at start (service/allocator.py): without it, every request-sized buffer
     # is an mmap and its page faults, which would count against every case.
     tuned = allocator.tune()
-    code = code_state()
+    code = provenance.code_state(Path(service.__file__).parent)
     code["malloc_tuned"] = tuned
     print(
         f"stats and limits benchmark; service from {code['service_path']}, sources sha256"

@@ -86,10 +86,10 @@ class HyperLogLog:
     raw estimate, where the classic estimator is ~1.5 % high (at p=14, around 40-50k). With
     64-bit hashes no large-range correction is needed. Standard error 1.04 / sqrt(2^p).
 
-    The registers are a NumPy array, and add_hashes works on a whole batch at once: ~10-30 ns a
-    hash from an array('Q'), ~40-70 ns from a list of ints, plus ~10 us a call (a pure Python
-    loop costs ~90-150 ns a hash). Hashes must be ints in [0, 2^64) (`series_hash` output);
-    nothing checks that on the hot path.
+    add_hashes works on a batch of _FEW_HASHES or more with NumPy, over a view of the registers:
+    ~10-30 ns a hash from an array('Q'), ~40-70 ns from a list of ints, plus ~8 us a call;
+    fewer go through a Python loop (~100 ns a hash). Hashes must be ints in [0, 2^64)
+    (`series_hash` output); nothing checks that on the hot path.
     """
 
     __slots__ = ("_array", "_estimate", "_mask", "_p", "_regs")
@@ -118,12 +118,7 @@ class HyperLogLog:
 
     def add_hash(self, h: int) -> None:
         """Add one hash. For more than a few, add_hashes is cheaper per hash."""
-        p = self._p
-        r = 65 - p - (h >> p).bit_length()
-        i = h & self._mask
-        if r > self._regs[i]:
-            self._regs[i] = r
-            self._estimate = None
+        self._add_few((h,))
 
     def add_hashes(self, hashes: Iterable[int]) -> None:
         """Add every hash of an iterable (read once): an array('Q') or NumPy array as it is, a
@@ -397,11 +392,7 @@ class CardinalityTracker:
             if len(held) <= limit:
                 exact.update(chunk)
                 continue
-            hll = HyperLogLog(self._p)
-            hll.add_hashes(list(held))
-            self._exact = None
-            self._hll = hll
-            hll.add_hashes(it)
+            self._switch(held).add_hashes(it)
             return
 
     def count(self) -> int:
@@ -441,10 +432,12 @@ class CardinalityTracker:
             return own + self._exact.memory_bytes()
         return own + self._hll.memory_bytes()
 
-    def _switch(self) -> HyperLogLog:
+    def _switch(self, held: set[int] | None = None) -> HyperLogLog:
+        """Count by sketch from now on: every hash held goes into it (`held`: all of them as
+        a set, when the caller has made one)."""
         assert self._exact is not None
         hll = HyperLogLog(self._p)
-        hll.add_hashes(self._exact)
+        hll.add_hashes(self._exact if held is None else list(held))
         self._exact = None
         self._hll = hll
         return hll

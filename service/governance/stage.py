@@ -127,17 +127,7 @@ class Governance:
         self._pairs: dict[tuple[str, str], tuple[str, str]] = {}
         self._label_pairs: dict[bytes, tuple[str, str]] = {}  # a Label's bytes -> its pair
         self._facts_labels: tuple[str, ...] = ()
-        # What a Facts.state counts under: (name, group) by id, and the id of each.
-        self._kinds: list[tuple[str, tuple[str, ...] | None]] = []
-        self._kind_ids: dict[tuple[str, tuple[str, ...] | None], int] = {}
-        # By kind id: the id of its name (in _names) and of its group (in _groups; -1: none).
-        self._kind_name = array("q")
-        self._kind_group = array("q")
-        self._kind_unseen: list[int] = []  # its Facts.state before a first count
-        self._names: list[str] = []
-        self._name_ids: dict[str, int] = {}
-        self._groups: list[tuple[str, ...]] = []
-        self._group_ids: dict[tuple[str, ...], int] = {}
+        self._kinds = _Kinds()  # what a Facts.state counts under
         self._marks: dict[int, int] = {}  # kind id -> its state in the window of _mark
         self._mark = -1
         # Remote write series' states, one array a request (with their datapoints when not one
@@ -181,13 +171,7 @@ class Governance:
         self.facts.clear()
         self._index = SeriesIndex()
         self._slot_facts.clear()
-        self._kinds.clear()
-        self._kind_ids.clear()
-        del self._kind_name[:], self._kind_group[:], self._kind_unseen[:]
-        self._names.clear()
-        self._name_ids.clear()
-        self._groups.clear()
-        self._group_ids.clear()
+        self._kinds = _Kinds()
         self._marks.clear()
 
     def _fold(self) -> None:
@@ -206,7 +190,7 @@ class Governance:
             per_kind += np.bincount(kinds, weights=points, minlength=n).astype(np.int64)
         held.clear()
         weighted.clear()
-        kinds_of = self._kinds
+        kinds_of = self._kinds.of
         per_name: dict[str, int] = {}
         per_group: dict[tuple[str, ...], int] = {}
         nonzero = np.flatnonzero(per_kind)
@@ -371,30 +355,9 @@ class Governance:
         if self.stats is not None and self.stats.labels:
             labels = dict(pairs)
             group = tuple(self._intern(labels.get(k, "")) for k in self.stats.labels)
-        kind = (name, group)
-        kid = self._kind_ids.get(kind)
-        if kid is None:
-            kid = self._new_kind(name, group)
-        return Facts(name, pairs, self._kinds[kid][1], self._kind_unseen[kid])
-
-    def _new_kind(self, name: str, group: tuple[str, ...] | None) -> int:
-        kid = self._kind_ids[(name, group)] = len(self._kinds)
-        nid = self._name_ids.get(name)
-        if nid is None:
-            nid = self._name_ids[name] = len(self._names)
-            self._names.append(name)
-        gid = -1
-        if group is not None:
-            gid = self._group_ids.get(group, -1)
-            if gid < 0:
-                gid = self._group_ids[group] = len(self._groups)
-                self._groups.append(group)
-            group = self._groups[gid]  # one tuple for every series of the group
-        self._kinds.append((name, group))
-        self._kind_name.append(nid)
-        self._kind_group.append(gid)
-        self._kind_unseen.append((kid << 32) | _UNSEEN)  # one int for all its series
-        return kid
+        kinds = self._kinds
+        kid = kinds.id_of(name, group)
+        return Facts(name, pairs, kinds.of[kid][1], kinds.unseen[kid])
 
     def _window_mark(self, stats: Stats, now_s: float) -> int:
         """Roll the stats to `now_s`; the mark of its window (for Facts.state)."""
@@ -471,9 +434,8 @@ class Governance:
         self._slot_state[fresh_slots] = (kinds << 32) | mark
         fresh_hashes = hashes[at]
         slot_facts = self._slot_facts
-        names = np.frombuffer(self._kind_name, dtype=np.int64)[kinds]
-        for nid, pos in _positions_of(names):
-            name = self._names[nid]
+        for nid, pos in _positions_of(self._kinds.name_ids(kinds)):
+            name = self._kinds.names[nid]
             stats.add_series(name, fresh_hashes[pos], now_s)
             # Every label pair of the metric's new series, counted in C.
             of_name = map(slot_facts.__getitem__, fresh_slots[pos].tolist())
@@ -481,10 +443,9 @@ class Governance:
                 name, collections.Counter(itertools.chain.from_iterable(map(_PAIRS_OF, of_name)))
             )
         if stats.labels:
-            groups = np.frombuffer(self._kind_group, dtype=np.int64)[kinds]
-            for gid, pos in _positions_of(groups):
+            for gid, pos in _positions_of(self._kinds.group_ids(kinds)):
                 if gid >= 0:
-                    stats.add_group_series(self._groups[gid], fresh_hashes[pos], now_s)
+                    stats.add_group_series(self._kinds.groups[gid], fresh_hashes[pos], now_s)
 
     def _limit(
         self,
@@ -780,6 +741,55 @@ class Governance:
         rest = self.due(force=True)
         if rest:
             await emit(rest)
+
+
+class _Kinds:
+    """What a series counts under in the stats, its kind: (name, stats group), by a small int
+    id (the high bits of Facts.state). By kind, the ids of its name and of its group (-1: none)
+    are kept as arrays too, so a request's series are grouped by name or by group with array
+    operations."""
+
+    def __init__(self) -> None:
+        self.of: list[tuple[str, tuple[str, ...] | None]] = []  # by kind id
+        self.unseen: list[int] = []  # by kind id: its Facts.state before a first count
+        self.names: list[str] = []
+        self.groups: list[tuple[str, ...]] = []
+        self._ids: dict[tuple[str, tuple[str, ...] | None], int] = {}
+        self._name_ids: dict[str, int] = {}
+        self._group_ids: dict[tuple[str, ...], int] = {}
+        self._name_of = array("q")
+        self._group_of = array("q")
+
+    def __len__(self) -> int:
+        return len(self.of)
+
+    def id_of(self, name: str, group: tuple[str, ...] | None) -> int:
+        kid = self._ids.get((name, group))
+        if kid is not None:
+            return kid
+        kid = self._ids[(name, group)] = len(self.of)
+        nid = self._name_ids.get(name)
+        if nid is None:
+            nid = self._name_ids[name] = len(self.names)
+            self.names.append(name)
+        gid = -1
+        if group is not None:
+            gid = self._group_ids.get(group, -1)
+            if gid < 0:
+                gid = self._group_ids[group] = len(self.groups)
+                self.groups.append(group)
+            group = self.groups[gid]  # one tuple for every series of the group
+        self.of.append((name, group))
+        self._name_of.append(nid)
+        self._group_of.append(gid)
+        self.unseen.append((kid << 32) | _UNSEEN)  # one int for all its series
+        return kid
+
+    def name_ids(self, kinds: np.ndarray) -> np.ndarray:
+        return np.frombuffer(self._name_of, dtype=np.int64)[kinds]
+
+    def group_ids(self, kinds: np.ndarray) -> np.ndarray:
+        return np.frombuffer(self._group_of, dtype=np.int64)[kinds]
 
 
 def _positions_of(keys: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
