@@ -477,6 +477,55 @@ def test_count_agrees_with_decode(a: remote_pb2.WriteRequest, b: remote_pb2.Writ
         assert prw.count(raw) == prw.decode(raw)[1]
 
 
+@settings(max_examples=100)
+@given(a=_requests, b=_requests)
+def test_count_samples_agrees_with_decode(
+    a: remote_pb2.WriteRequest, b: remote_pb2.WriteRequest
+) -> None:
+    """prw.count_samples, told the series count, gives decode's counts for any request and any
+    concatenation of two, and the request's samples in order."""
+    for raw in (a.SerializeToString(), a.SerializeToString() + b.SerializeToString()):
+        req, counts = prw.decode(raw)
+        got, samples = prw.count_samples(raw, counts.series)
+        assert got == counts
+        assert list(samples) == [s for ts in req.timeseries for s in ts.samples]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\xff\xff\xff\xff",
+        b"hello world",
+        b"\x0a\x05ab",
+        # a sample (field 2 of a series) whose value is cut short
+        b"\x0a\x05\x12\x03\x09\x00\x00",
+        # an exemplar label name that is not UTF-8
+        b"\x0a\x08\x1a\x06\x0a\x04\x0a\x02\xff\xfe",
+        # a native histogram whose sum is cut short
+        b"\x0a\x05\x22\x03\x19\x00\x00",
+        b"\x1a\x04\x12\x02\xff\xfe",
+    ],
+    ids=[
+        "bad-tag",
+        "text",
+        "overrun",
+        "bad-sample",
+        "bad-utf8-exemplar",
+        "bad-histogram",
+        "bad-utf8-metadata",
+    ],
+)
+def test_count_samples_rejects_all_but_the_labels_contents(data: bytes) -> None:
+    """prw.count_samples validates everything decode validates except inside the labels (its
+    caller checks the labels of series it has not seen): anything else decode refuses, it
+    refuses too, with the same one-line reason."""
+    with pytest.raises(BadProtobuf):
+        prw.decode(data)
+    with pytest.raises(BadProtobuf) as info:
+        prw.count_samples(data, 1)
+    assert str(info.value) == "body is not a valid protobuf WriteRequest"
+
+
 @pytest.mark.parametrize(
     "data",
     [

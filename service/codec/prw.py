@@ -7,10 +7,16 @@ one client's malformed data can never reach a batch shared with other clients.
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 from google.protobuf.message import DecodeError as _PBDecodeError
 
-from service._proto.governor.prw_views_pb2 import MergedWriteRequest, SeriesBytes
+from service._proto.governor.prw_views_pb2 import (
+    MergedSamplesRequest,
+    MergedWriteRequest,
+    SeriesBytes,
+)
 from service._proto.prometheus.remote_pb2 import WriteRequest
 from service._proto.prometheus.types_pb2 import TimeSeries
 from service.codec.errors import BadProtobuf
@@ -25,6 +31,7 @@ __all__ = [
     "TimeSeries",
     "WriteRequest",
     "count",
+    "count_samples",
     "decode",
     "split",
 ]
@@ -78,6 +85,22 @@ def count(data: bytes, series: int | None = None) -> Counts:
     except _PBDecodeError:
         raise BadProtobuf("body is not a valid protobuf WriteRequest") from None
     return Counts(series, len(merged.samples), len(merged.histograms))
+
+
+def count_samples(data: bytes, series: int) -> tuple[Counts, Any]:
+    """`count` for a caller that has read each series' labels (`series` of them) and checks
+    them itself for the series it has not seen before: everything else is validated as `count`
+    does. Also returns the request's samples, in order (with one sample per series, the i-th
+    is the i-th series'). Raises BadProtobuf like `decode`.
+
+    Skipping the labels' contents (their UTF-8, mostly) makes this parse a third of `count`'s.
+    """
+    try:
+        merged = MergedSamplesRequest.FromString(data).timeseries
+    except _PBDecodeError:
+        raise BadProtobuf("body is not a valid protobuf WriteRequest") from None
+    samples = merged.samples
+    return Counts(series, len(samples), len(merged.histograms)), samples
 
 
 def split(data: bytes) -> tuple[bytes, bytes] | None:

@@ -117,9 +117,10 @@ class RuleEngine:
         self.ruleset = ruleset
         self.rules = ruleset.rules
         self._plans: dict[str, tuple[int, ...]] = {}
-        # Per distinct series (a hash of its serialized labels), its route: filled by the
-        # remote-write adapter, emptied when the rules change and when it reaches route_cache_max.
-        self.route_cache: dict[int, Any] = {}
+        # Per distinct series (a hash of its serialized labels), its route: the remote-write
+        # adapter's (prw.RouteTable), emptied when the rules change and when it reaches
+        # route_cache_max.
+        self.route_cache: Any = None
         self.route_paths: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         states: dict[str, Any] = {}
         heads: dict[str, dict[Any, int]] = {}

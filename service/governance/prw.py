@@ -7,12 +7,12 @@ lookup for the rest); a request that no rule changed is forwarded as the client 
 
 from __future__ import annotations
 
-import collections
 import itertools
 import operator
 from typing import Any
 
 import attrs
+import numpy as np
 from google.protobuf.message import DecodeError as _PBDecodeError
 
 from service._proto.governor.prw_views_pb2 import (
@@ -26,9 +26,10 @@ from service._proto.prometheus.types_pb2 import Label, Sample, TimeSeries
 from service.codec import prw as prw_codec
 from service.codec.compression import varint
 from service.codec.errors import BadProtobuf
-from service.governance.cardinality import hash_many
+from service.governance.cardinality import series_hash
 from service.governance.engine import PASS_ROUTE, RuleEngine, SeriesKey
 from service.governance.rules import Rule
+from service.governance.series_index import SeriesIndex
 from service.governance.windows import Emitted
 
 NAME = "__name__"
@@ -64,10 +65,13 @@ def govern(
     data: bytes,
     counts: prw_codec.Counts | None = None,
     series: tuple[list[bytes], list[int]] | None = None,
+    samples: Any = None,
 ) -> Governed:
     """Validate a serialized WriteRequest (raises BadProtobuf) and run the rules over it.
     `counts` (prw_codec.count) and `series` (the series' label bytes and hashes) when the
-    caller has them already, for the same `data`.
+    caller has them already, for the same `data`; or `counts` and `samples` from
+    prw_codec.count_samples, with `series`: then the labels of series new to the route cache
+    are validated here, before anything is counted.
 
     Requests of single-sample float series (what Prometheus sends) take the cached path: each
     distinct series' route through the rules is decided once and found again by its serialized
@@ -76,7 +80,10 @@ def govern(
     if counts is None:
         counts = prw_codec.count(data)
     if not counts.histograms and counts.samples == counts.series:
-        governed = _govern_cached(engine, data, counts, series)
+        try:
+            governed = _govern_cached(engine, data, counts, series, samples)
+        except _PBDecodeError:  # a new series' labels
+            raise BadProtobuf("body is not a valid protobuf WriteRequest") from None
         if governed is not None:
             return governed
     return govern_each(engine, data)
@@ -174,11 +181,12 @@ def _route(engine: RuleEngine, key: bytes) -> _Cached:
     return shared
 
 
-def series_keys(data: bytes) -> tuple[list[bytes], list[int]]:
-    """Each series' serialized labels and their hash (`series_hash`), in the request's order:
-    upb parses a labels-only view and serializes it back without the samples, all in C."""
+def series_keys(data: bytes) -> tuple[list[bytes], np.ndarray]:
+    """Each series' serialized labels and their hash (`series_hash`, as a uint64 array), in the
+    request's order: upb parses a labels-only view and serializes it back without the samples,
+    all in C."""
     keys = label_keys(data)
-    return keys, hash_many(keys)
+    return keys, np.fromiter(map(series_hash, keys), dtype=np.uint64, count=len(keys))
 
 
 def label_keys(data: bytes) -> list[bytes]:
@@ -188,48 +196,123 @@ def label_keys(data: bytes) -> list[bytes]:
     return list(SeriesBytes.FromString(view.SerializeToString()).timeseries)
 
 
+class RouteTable:
+    """The route cache: per distinct series, by the hash of its serialized labels (a slot of a
+    SeriesIndex), how the rules treat it. Its disposition and its path through the rules are
+    also kept in arrays by slot, so a request is sorted by disposition and counted per path with
+    array operations; only relabeled and per-request series take a step each, in C where they
+    can."""
+
+    __slots__ = ("_path_no", "cached", "dispositions", "index", "path_nos", "paths")
+
+    def __init__(self) -> None:
+        self.index = SeriesIndex()
+        self.cached: list[_Cached] = []  # by slot
+        self.dispositions = np.zeros(1024, dtype=np.int8)  # by slot
+        self.path_nos = np.zeros(1024, dtype=np.int32)  # by slot: its path's number, 0 for none
+        self.paths: list[_Path | None] = [None]  # by number
+        self._path_no: dict[int, int] = {}  # id(path) -> number
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def slots(self, engine: RuleEngine, keys: list[bytes], hashes: np.ndarray) -> np.ndarray:
+        """The slot of each series of a request. A series first seen is routed (its labels
+        parsed, which validates them: raises DecodeError) and gets the next slot."""
+        index = self.index
+        slots = index.lookup(hashes)
+        missing = np.flatnonzero(slots < 0)
+        if not missing.size:
+            return slots
+        # New series in the order of their first place in the request (a series sent twice in
+        # it is routed once).
+        new_hashes, first = np.unique(hashes[missing], return_index=True)
+        order = np.argsort(first)
+        new_hashes, first = new_hashes[order], missing[first[order]]
+        routed = [_route(engine, keys[i]) for i in first.tolist()]
+        start = len(index)
+        index.add_many(new_hashes)
+        end = len(index)
+        self.cached += routed
+        if end > self.dispositions.size:
+            size = max(end, 2 * self.dispositions.size)
+            self.dispositions = np.resize(self.dispositions, size)
+            self.path_nos = np.resize(self.path_nos, size)
+        self.dispositions[start:end] = list(map(_DISPOSITION_OF, routed))
+        self.path_nos[start:end] = [self._number(c.path) for c in routed]
+        return index.lookup(hashes)
+
+    def _number(self, path: _Path | None) -> int:
+        if path is None:
+            return 0
+        no = self._path_no.get(id(path))
+        if no is None:
+            no = self._path_no[id(path)] = len(self.paths)
+            self.paths.append(path)
+        return no
+
+
+def route_table(engine: RuleEngine, new: int) -> RouteTable:
+    """The engine's route cache, started again when it would pass `route_cache_max` with `new`
+    more series (and after a reload, which empties it)."""
+    table = engine.route_cache
+    if not isinstance(table, RouteTable) or (
+        len(table) + new > engine.route_cache_max and len(table)
+    ):
+        table = engine.route_cache = RouteTable()
+    return table
+
+
 def _govern_cached(
     engine: RuleEngine,
     data: bytes,
     counts: prw_codec.Counts,
-    series: tuple[list[bytes], list[int]] | None,
+    series: tuple[list[bytes], np.ndarray] | None,
+    samples: Any,
 ) -> Governed | None:
     """The cached path; None when the request's series do not start with their labels (then
-    the caller evaluates each series)."""
+    the caller evaluates each series). `samples`: the request's, one per series, if known."""
     # Keyed by a 64-bit hash of the labels, not the labels: a fraction of the memory per
     # series, and a collision needs ~4 billion series in the cache at once to become likely.
-    keys, ids = series if series is not None else series_keys(data)
-    cache = engine.route_cache
-    cached = list(map(cache.get, ids))
-    if None in cached:
-        for i, c in enumerate(cached):
-            if c is None:
-                if len(cache) >= engine.route_cache_max:
-                    cache.clear()
-                cached[i] = cache[ids[i]] = _route(engine, keys[i])
-    n = len(cached)
-    if cached.count(_PASS) == n:
+    keys, hashes = series if series is not None else series_keys(data)
+    n = len(keys)
+    table = route_table(engine, 0)
+    if len(table) + n > engine.route_cache_max:
+        table = route_table(engine, int(np.count_nonzero(table.index.lookup(hashes) < 0)))
+    slots = table.slots(engine, keys, hashes)
+    path_nos = table.path_nos[slots]
+    if not path_nos.any():  # no rule touches any of them
+        return Governed(None, n, n, n, 0, 0, n, 0)
+    now_ms = engine.clock_ms()
+    _count_routes(engine, table, path_nos, now_ms / 1000)
+    disposition = table.dispositions[slots]
+    if not disposition.any():  # all KEEP
         return Governed(None, n, n, n, 0, 0, n, 0)
     src = SeriesBytes.FromString(data)
     full = list(src.timeseries)
-    now_ms = engine.clock_ms()
-    _count_routes(engine, cached, now_ms / 1000)
-    # Series are sorted by what happens to them with C-level list operations; only relabeled
-    # and per-request (sampled, windowed) series take a Python step each. The output is kept
-    # series first, then the others (a WriteRequest's series order carries no meaning).
-    disposition = list(map(_DISPOSITION_OF, cached))
-    out = list(itertools.compress(full, map(KEEP.__eq__, disposition)))
-    append = out.append
+    # The output is kept series first, then the others (a WriteRequest's series order carries
+    # no meaning).
+    out = list(itertools.compress(full, (disposition == KEEP).tolist()))
+    cached = table.cached
     relabeled_any = False
-    for i in itertools.compress(range(n), map(RELABEL.__eq__, disposition)):
-        series, key = full[i], keys[i]
-        if not series.startswith(key):
+    at = np.flatnonzero(disposition == RELABEL)
+    if at.size:
+        where = at.tolist()
+        whole = list(map(full.__getitem__, where))
+        labels = list(map(keys.__getitem__, where))
+        if not all(map(bytes.startswith, whole, labels)):
             return None  # labels not first: cannot splice; evaluate each series instead
-        append(cached[i].relabeled + series[len(key) :])
+        # New labels + the series' bytes after its labels, spliced in C.
+        rest = map(bytes.__getitem__, whole, map(slice, map(len, labels), _NONES))
+        new_labels = map(_RELABELED_OF, map(cached.__getitem__, slots[at].tolist()))
+        out += map(operator.add, new_labels, rest)
         relabeled_any = True
+    at = np.flatnonzero(disposition == DYNAMIC)
     windowed: list[int] = []
-    for i in itertools.compress(range(n), map(DYNAMIC.__eq__, disposition)):
-        c = cached[i]
+    windowed_slots: list[int] = []
+    append = out.append
+    for i, slot in zip(at.tolist(), slots[at].tolist(), strict=True):
+        c = cached[slot]
         series = full[i]
         if c.relabeled is not None:
             key = keys[i]
@@ -245,15 +328,19 @@ def _govern_cached(
                 append(series)
             continue
         windowed.append(i)
+        windowed_slots.append(slot)
         if t.action == "aggregate" and t.settings.keep_input:
             append(series)
     if windowed:
-        # One sample per series: merging the windowed series lines their samples up with them.
-        joined = SeriesBytes(timeseries=[full[i] for i in windowed]).SerializeToString()
-        samples = MergedWriteRequest.FromString(joined).timeseries.samples
+        if samples is not None:
+            points = list(map(samples.__getitem__, windowed))
+        else:
+            # One sample per series: merging the windowed series lines their samples up.
+            joined = SeriesBytes(timeseries=[full[i] for i in windowed]).SerializeToString()
+            points = list(MergedWriteRequest.FromString(joined).timeseries.samples)
         late_before: dict[str, tuple[Any, int]] = {}
-        for i, sample in zip(windowed, samples):
-            dyn = cached[i].dynamic
+        for slot, sample in zip(windowed_slots, points, strict=True):
+            dyn = cached[slot].dynamic
             assert dyn is not None
             t = dyn.terminal
             state = dyn.state
@@ -288,16 +375,21 @@ def _govern_cached(
     return Governed(new, kept, kept, kept, 0, n - kept, n, 0)
 
 
-_PATH_OF = operator.attrgetter("path")
 _DISPOSITION_OF = operator.attrgetter("disposition")
+_RELABELED_OF = operator.attrgetter("relabeled")
+_NONES = itertools.repeat(None)
 
 
-def _count_routes(engine: RuleEngine, cached: list[_Cached], now_s: float) -> None:
+def _count_routes(
+    engine: RuleEngine, table: RouteTable, path_nos: np.ndarray, now_s: float
+) -> None:
     """Per-rule counts of one request, per distinct path through the rules, not per series."""
     stats = engine.stats
-    for path, count in collections.Counter(map(_PATH_OF, cached)).items():
-        if path is None:
-            continue
+    per_path = np.bincount(path_nos, minlength=len(table.paths))
+    for no in np.flatnonzero(per_path[1:]).tolist():
+        count = int(per_path[no + 1])
+        path = table.paths[no + 1]
+        assert path is not None
         transforms, t, hash_keep = path.transforms, path.terminal, path.hash_keep
         for rule_name in transforms:
             st = stats[rule_name]

@@ -209,20 +209,25 @@ class Governance:
     def prw(self, data: bytes, tenant: str = "") -> prw_gov.Governed:
         """Validate a serialized WriteRequest (raises BadProtobuf) and govern it."""
         stats, limits = self.stats, self.limits if self.limits_active else None
-        keys = None
-        if (stats is not None and stats.full) or limits is not None:
-            # Each series' labels, read first: their number saves count() a parse.
+        by_series = (stats is not None and stats.full) or limits is not None
+        keys = samples = None
+        if by_series or self.rules_active:
+            # Each series' labels, read first. The rest of the request is validated without
+            # them; the labels of series not seen before are checked where they are first read
+            # (the series' facts, a rule route), before anything is counted.
             try:
                 keys = prw_gov.label_keys(data)
             except DecodeError:
                 raise BadProtobuf("body is not a valid protobuf WriteRequest") from None
-        counts = prw_codec.count(data, None if keys is None else len(keys))
+            counts, samples = prw_codec.count_samples(data, len(keys))
+        else:
+            counts = prw_codec.count(data)
         single = not counts.histograms and counts.samples == counts.series
         now_s = self.clock_ms() / 1000
         removed = 0
         changed = None
         keys_ids = None
-        if keys is None and stats is not None:
+        if stats is not None and not stats.full:
             names = _NAME_RE.findall(data) if single else None
             per_name = None
             if names is not None and len(names) == counts.series:
@@ -230,32 +235,37 @@ class Governance:
                 if all(k[0] == len(k) - 1 for k in found):
                     per_name = {k[1:].decode(): n for k, n in found.items()}
             stats.add_datapoints(per_name or _points_per_name(data), now_s)
-        elif keys is not None:
+        if by_series:
+            assert keys is not None
             self._check_facts()
             hashes = np.fromiter(map(_xxh3, keys), dtype=np.uint64, count=len(keys))
-            slots = self._slots_of(keys, hashes)
+            try:
+                slots = self._slots_of(keys, hashes)
+            except DecodeError:  # a new series' labels
+                raise BadProtobuf("body is not a valid protobuf WriteRequest") from None
             points = None if single else _points_per_series(data)
             if stats is not None:
                 self._count_prw(stats, slots, hashes, points, now_s)
-            if limits is not None or self.rules_active:
-                ids = hashes.tolist()
-                keys_ids = (keys, ids)
+            keys_ids = (keys, hashes)
             if limits is not None:
                 facts = list(map(self._slot_facts.__getitem__, slots.tolist()))
+                ids = hashes.tolist()
                 decided = self._limit(limits, facts, ids, points, tenant, now_s)
                 if decided.changed:
                     changed, removed = self._apply_prw(limits, data, keys, facts, ids, decided)
             if len(self._index) > self.series_cache:  # one request had more new series
                 self._evict_prw(self.series_cache // 2)
+        elif keys is not None:
+            keys_ids = (keys, np.fromiter(map(_xxh3, keys), dtype=np.uint64, count=len(keys)))
         if changed is not None:
             data = changed
             counts_after = prw_codec.count(data)
-            keys_ids = None
+            keys_ids = samples = None
         else:
             counts_after = counts
         if self.rules_active:
             assert self.engine is not None
-            g = prw_gov.govern(self.engine, data, counts_after, keys_ids)
+            g = prw_gov.govern(self.engine, data, counts_after, keys_ids, samples)
             if changed is not None and g.data is None:
                 g = attrs.evolve(g, data=data)
             return attrs.evolve(

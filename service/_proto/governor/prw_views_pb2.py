@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from service._proto.prometheus import types_pb2 as prometheus_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18governor/prw_views.proto\x12\x0cgovernor.prw\x1a\x16prometheus/types.proto\"n\n\x12MergedWriteRequest\x12*\n\ntimeseries\x18\x01 \x01(\x0b\x32\x16.prometheus.TimeSeries\x12,\n\x08metadata\x18\x03 \x03(\x0b\x32\x1a.prometheus.MetricMetadata\"3\n\x0bSeriesBytes\x12\x12\n\ntimeseries\x18\x01 \x03(\x0c\x12\x10\n\x08metadata\x18\x03 \x03(\x0c\"\"\n\x10LabelsOnlySeries\x12\x0e\n\x06labels\x18\x01 \x03(\x0c\"G\n\x11LabelsOnlyRequest\x12\x32\n\ntimeseries\x18\x01 \x03(\x0b\x32\x1e.governor.prw.LabelsOnlySeries\"5\n\x10LabelsOnlyLabels\x12!\n\x06labels\x18\x01 \x03(\x0b\x32\x11.prometheus.Labelb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18governor/prw_views.proto\x12\x0cgovernor.prw\x1a\x16prometheus/types.proto\"n\n\x12MergedWriteRequest\x12*\n\ntimeseries\x18\x01 \x01(\x0b\x32\x16.prometheus.TimeSeries\x12,\n\x08metadata\x18\x03 \x03(\x0b\x32\x1a.prometheus.MetricMetadata\"u\n\x14MergedSamplesRequest\x12/\n\ntimeseries\x18\x01 \x01(\x0b\x32\x1b.governor.prw.SeriesSamples\x12,\n\x08metadata\x18\x03 \x03(\x0b\x32\x1a.prometheus.MetricMetadata\"\x98\x01\n\rSeriesSamples\x12\x0e\n\x06labels\x18\x01 \x03(\x0c\x12#\n\x07samples\x18\x02 \x03(\x0b\x32\x12.prometheus.Sample\x12\'\n\texemplars\x18\x03 \x03(\x0b\x32\x14.prometheus.Exemplar\x12)\n\nhistograms\x18\x04 \x03(\x0b\x32\x15.prometheus.Histogram\"3\n\x0bSeriesBytes\x12\x12\n\ntimeseries\x18\x01 \x03(\x0c\x12\x10\n\x08metadata\x18\x03 \x03(\x0c\"\"\n\x10LabelsOnlySeries\x12\x0e\n\x06labels\x18\x01 \x03(\x0c\"G\n\x11LabelsOnlyRequest\x12\x32\n\ntimeseries\x18\x01 \x03(\x0b\x32\x1e.governor.prw.LabelsOnlySeries\"5\n\x10LabelsOnlyLabels\x12!\n\x06labels\x18\x01 \x03(\x0b\x32\x11.prometheus.Labelb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,12 +34,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MERGEDWRITEREQUEST']._serialized_start=66
   _globals['_MERGEDWRITEREQUEST']._serialized_end=176
-  _globals['_SERIESBYTES']._serialized_start=178
-  _globals['_SERIESBYTES']._serialized_end=229
-  _globals['_LABELSONLYSERIES']._serialized_start=231
-  _globals['_LABELSONLYSERIES']._serialized_end=265
-  _globals['_LABELSONLYREQUEST']._serialized_start=267
-  _globals['_LABELSONLYREQUEST']._serialized_end=338
-  _globals['_LABELSONLYLABELS']._serialized_start=340
-  _globals['_LABELSONLYLABELS']._serialized_end=393
+  _globals['_MERGEDSAMPLESREQUEST']._serialized_start=178
+  _globals['_MERGEDSAMPLESREQUEST']._serialized_end=295
+  _globals['_SERIESSAMPLES']._serialized_start=298
+  _globals['_SERIESSAMPLES']._serialized_end=450
+  _globals['_SERIESBYTES']._serialized_start=452
+  _globals['_SERIESBYTES']._serialized_end=503
+  _globals['_LABELSONLYSERIES']._serialized_start=505
+  _globals['_LABELSONLYSERIES']._serialized_end=539
+  _globals['_LABELSONLYREQUEST']._serialized_start=541
+  _globals['_LABELSONLYREQUEST']._serialized_end=612
+  _globals['_LABELSONLYLABELS']._serialized_start=614
+  _globals['_LABELSONLYLABELS']._serialized_end=667
 # @@protoc_insertion_point(module_scope)

@@ -15,6 +15,26 @@ class MergedWriteRequest(_message.Message):
     metadata: _containers.RepeatedCompositeFieldContainer[_types_pb2.MetricMetadata]
     def __init__(self, timeseries: _Optional[_Union[_types_pb2.TimeSeries, _Mapping]] = ..., metadata: _Optional[_Iterable[_Union[_types_pb2.MetricMetadata, _Mapping]]] = ...) -> None: ...
 
+class MergedSamplesRequest(_message.Message):
+    __slots__ = ("timeseries", "metadata")
+    TIMESERIES_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    timeseries: SeriesSamples
+    metadata: _containers.RepeatedCompositeFieldContainer[_types_pb2.MetricMetadata]
+    def __init__(self, timeseries: _Optional[_Union[SeriesSamples, _Mapping]] = ..., metadata: _Optional[_Iterable[_Union[_types_pb2.MetricMetadata, _Mapping]]] = ...) -> None: ...
+
+class SeriesSamples(_message.Message):
+    __slots__ = ("labels", "samples", "exemplars", "histograms")
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    EXEMPLARS_FIELD_NUMBER: _ClassVar[int]
+    HISTOGRAMS_FIELD_NUMBER: _ClassVar[int]
+    labels: _containers.RepeatedScalarFieldContainer[bytes]
+    samples: _containers.RepeatedCompositeFieldContainer[_types_pb2.Sample]
+    exemplars: _containers.RepeatedCompositeFieldContainer[_types_pb2.Exemplar]
+    histograms: _containers.RepeatedCompositeFieldContainer[_types_pb2.Histogram]
+    def __init__(self, labels: _Optional[_Iterable[bytes]] = ..., samples: _Optional[_Iterable[_Union[_types_pb2.Sample, _Mapping]]] = ..., exemplars: _Optional[_Iterable[_Union[_types_pb2.Exemplar, _Mapping]]] = ..., histograms: _Optional[_Iterable[_Union[_types_pb2.Histogram, _Mapping]]] = ...) -> None: ...
+
 class SeriesBytes(_message.Message):
     __slots__ = ("timeseries", "metadata")
     TIMESERIES_FIELD_NUMBER: _ClassVar[int]
