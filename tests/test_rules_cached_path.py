@@ -3,8 +3,10 @@ evaluating each series gives: the same output series, the same per-rule counts, 
 
 from __future__ import annotations
 
+import math
 import random
 
+import attrs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -12,6 +14,7 @@ from service._proto.prometheus.remote_pb2 import WriteRequest
 from service.governance import prw
 from service.governance.engine import RuleEngine
 from service.governance.rules import load_rules
+from service.governance.windows import Emitted
 
 RULES = """
 rules:
@@ -59,6 +62,22 @@ rules:
     match: {name: "mem_.*"}
     action: aggregate
     aggregate: {interval: 10s, by: [job], functions: [sum, max], keep_input: true}
+  - name: ds-last
+    match: {name: "disk_.*"}
+    action: downsample
+    downsample: {interval: 10s, method: last}
+  - name: ds-first
+    match: {name: "net_.*"}
+    action: downsample
+    downsample: {interval: 10s, method: first}
+  - name: agg-counters
+    match: {name: "reqs_total"}
+    action: aggregate
+    aggregate: {interval: 10s, without: [pod], functions: [sum, increase, count]}
+  - name: agg-gauges
+    match: {name: "temp_.*"}
+    action: aggregate
+    aggregate: {interval: 10s, by: [job], functions: [avg, min, max, last, stddev]}
 """
 
 NAMES = [
@@ -71,6 +90,10 @@ NAMES = [
     "queue_depth",
     "cpu_seconds",
     "mem_bytes",
+    "disk_free",
+    "net_rx",
+    "reqs_total",
+    "temp_c",
     "plain",
 ]
 
@@ -79,26 +102,33 @@ series = st.tuples(
     st.sampled_from(["api", "web", "db"]),
     st.sampled_from(["/u/1", "/u/22", "/x", ""]),
     st.integers(0, 3),
-    st.floats(-1e6, 1e6, allow_nan=False),
+    st.one_of(st.floats(-1e6, 1e6, allow_nan=False), st.just(math.nan)),
+    st.sampled_from([0, 0, 0, -1000, -15000]),  # late by this many ms
 )
 
 
-def request(items: list[tuple[str, str, str, int, float]], ts: int) -> bytes:
+def request(items: list[tuple[str, str, str, int, float, int]], ts: int) -> bytes:
     req = WriteRequest()
-    for name, job, path, pod, value in items:
+    for name, job, path, pod, value, late in items:
         t = req.timeseries.add()
         labels = {"__name__": name, "job": job, "pod": str(pod)}
         if path:
             labels["path"] = path
         for k, v in sorted(labels.items()):
             t.labels.add(name=k, value=v)
-        t.samples.add(value=value, timestamp=ts)
+        t.samples.add(value=value, timestamp=ts + late)
     return req.SerializeToString()
 
 
-def engine(now: list[int]) -> RuleEngine:
+def engine(now: list[int], route_cache_max: int = 200_000) -> RuleEngine:
     rng = random.Random(7)
-    return RuleEngine(load_rules(RULES), pipeline="prw", clock_ms=lambda: now[0], rand=rng.random)
+    return RuleEngine(
+        load_rules(RULES),
+        pipeline="prw",
+        clock_ms=lambda: now[0],
+        rand=rng.random,
+        route_cache_max=route_cache_max,
+    )
 
 
 def series_of(governed: prw.Governed, data: bytes) -> list[str]:
@@ -111,17 +141,22 @@ def series_of(governed: prw.Governed, data: bytes) -> list[str]:
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.lists(series, min_size=1, max_size=30), min_size=1, max_size=6))
 def test_cached_path_matches_per_series_evaluation(
-    requests: list[list[tuple[str, str, str, int, float]]],
+    requests: list[list[tuple[str, str, str, int, float, int]]],
 ) -> None:
-    """For any stream of single-sample requests, the cached path and per-series evaluation
-    forward the same series, count the same per rule, report the same counts, and emit the same
-    windows."""
-    now_a, now_b = [1_000_000], [1_000_000]
-    a, b = engine(now_a), engine(now_b)
+    """For any stream of single-sample requests (NaN values, late samples and series sent twice
+    in a request among them), the cached path and per-series evaluation forward the same
+    series, count the same per rule, report the same counts, and emit the same windows, at
+    every tick and at the end. So do a cached path whose cache holds 4 series (started again
+    every few requests: its windows and head counts go back to the rules' state) and one whose
+    rules are reloaded, unchanged, before every request (they carry over)."""
+    now = [1_000_000]
+    a, b = engine(now), engine(now)
+    small, reloaded = engine(now, route_cache_max=4), engine(now)
     for step, items in enumerate(requests):
         ts = 1_000_000 + step * 4000
-        now_a[0] = now_b[0] = ts
+        now[0] = ts
         data = request(items, ts)
+        reloaded.reload(load_rules(RULES))
         cached = prw.govern(a, data)
         each = prw.govern_each(b, data)
         assert series_of(cached, data) == series_of(each, data)
@@ -132,13 +167,36 @@ def test_cached_path_matches_per_series_evaluation(
             each.in_samples,
         )
         assert (cached.data is None) == (each.data is None)
-    assert a.stats == b.stats
-    now_a[0] = now_b[0] = 10_000_000
-    emitted_a, emitted_b = a.due(force=True), b.due(force=True)
-    # The cached path's windows carry the series' serialized labels for encode to reuse.
-    assert [(e.name, e.labels, e.kind, e.points) for e in emitted_a] == [
-        (e.name, e.labels, e.kind, e.points) for e in emitted_b
-    ]
-    assert WriteRequest.FromString(prw.encode(emitted_a)[0]) == WriteRequest.FromString(
-        prw.encode(emitted_b)[0]
-    )
+        for other in (small, reloaded):
+            assert series_of(prw.govern(other, data), data) == series_of(cached, data)
+        due = a.due()
+        assert_same_windows(due, b.due())
+        assert_same_windows(small.due(), due)
+        assert_same_windows(reloaded.due(), due)
+    assert a.stats == b.stats == small.stats
+    assert {n: attrs.evolve(st, since=0) for n, st in reloaded.stats.items()} == {
+        n: attrs.evolve(st, since=0) for n, st in a.stats.items()
+    }
+    now[0] = 10_000_000
+    due = a.due(force=True)
+    assert_same_windows(due, b.due(force=True))
+    assert_same_windows(small.due(force=True), due)
+    assert_same_windows(reloaded.due(force=True), due)
+    assert a.stats == b.stats == small.stats
+
+
+def assert_same_windows(emitted_a: list[Emitted], emitted_b: list[Emitted]) -> None:
+    """The same windows, in any order (the order of a tick's output carries no meaning: the
+    cached path keeps most windows as columns by series, per-series evaluation as objects in
+    the order their series first came), and the same encoded series. The cached path's
+    downsampled series carry their serialized labels for encode to reuse."""
+
+    def plain(emitted: list[Emitted]) -> list[str]:
+        return sorted(repr((e.name, sorted(e.labels.items()), e.kind, e.points)) for e in emitted)
+
+    def encoded(emitted: list[Emitted]) -> list[str]:
+        req = WriteRequest.FromString(prw.encode(emitted)[0])
+        return sorted(str(ts) for ts in req.timeseries)
+
+    assert plain(emitted_a) == plain(emitted_b)
+    assert encoded(emitted_a) == encoded(emitted_b)

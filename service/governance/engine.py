@@ -114,6 +114,8 @@ class RuleEngine:
     def _apply(self, ruleset: RuleSet) -> None:
         old = getattr(self, "ruleset", None)
         old_rules = old.by_name() if old else {}
+        if getattr(self, "route_cache", None) is not None:
+            self.route_cache.retire()  # its windows go back to the states first
         self.ruleset = ruleset
         self.rules = ruleset.rules
         self._plans: dict[str, tuple[int, ...]] = {}

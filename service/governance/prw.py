@@ -8,6 +8,7 @@ lookup for the rest); a request that no rule changed is forwarded as the client 
 from __future__ import annotations
 
 import itertools
+import math
 import operator
 from typing import Any
 
@@ -30,7 +31,13 @@ from service.governance.cardinality import series_hash
 from service.governance.engine import PASS_ROUTE, RuleEngine, SeriesKey
 from service.governance.rules import Rule
 from service.governance.series_index import SeriesIndex
-from service.governance.windows import Emitted
+from service.governance.window_columns import (
+    AggregateColumns,
+    DownsampleColumns,
+    columns_fit,
+    rounds,
+)
+from service.governance.windows import AggregateState, Emitted
 
 NAME = "__name__"
 _COUNTER_SUFFIXES = ("_total", "_count", "_sum", "_bucket")
@@ -89,8 +96,11 @@ def govern(
     return govern_each(engine, data)
 
 
-# What the cached path does with a series, decided once per distinct series.
-KEEP, RELABEL, DROP, DYNAMIC = 0, 1, 2, 3
+# What the cached path does with a series, decided once per distinct series. WINDOW: folded
+# into a window kept as columns (window_columns); SAMPLED: sampled per datapoint (head or
+# probabilistic); both a request at a time. DYNAMIC: any other series that needs a step of its
+# own per request (the other windows, aggregates that keep their input).
+KEEP, RELABEL, DROP, DYNAMIC, WINDOW, SAMPLED = 0, 1, 2, 3, 4, 5
 
 
 @attrs.frozen(eq=False, slots=True)
@@ -164,6 +174,8 @@ def _route(engine: RuleEngine, key: bytes) -> _Cached:
         disposition = DROP
     else:
         dynamic = _Dynamic(t, route.name, route.kind, route.key, final, relabeled or key)
+        if t.action == "sample":
+            return _Cached(SAMPLED, path, relabeled, dynamic)
         if t.action in ("downsample", "aggregate"):
             state = engine.state_of(t.name)
             counter = t.action == "aggregate" and (
@@ -172,6 +184,9 @@ def _route(engine: RuleEngine, key: bytes) -> _Cached:
             )
             grouped = state.group_of(route.name, final) if t.action == "aggregate" else None
             dynamic = attrs.evolve(dynamic, state=state, counter=counter, grouped=grouped)
+            keep_input = t.action == "aggregate" and t.settings.keep_input
+            if columns_fit(state) and not keep_input:
+                return _Cached(WINDOW, path, relabeled, dynamic)
         return _Cached(DYNAMIC, path, relabeled, dynamic)
     if disposition == RELABEL:
         return _Cached(RELABEL, path, relabeled)
@@ -203,7 +218,23 @@ class RouteTable:
     array operations; only relabeled and per-request series take a step each, in C where they
     can."""
 
-    __slots__ = ("_path_no", "cached", "dispositions", "index", "path_nos", "paths")
+    __slots__ = (
+        "_path_no",
+        "_sampler_no",
+        "cached",
+        "column_nos",
+        "columns",
+        "dispositions",
+        "head_seen",
+        "index",
+        "path_nos",
+        "paths",
+        "relabels",
+        "sampler_n",
+        "sampler_nos",
+        "sampler_rate",
+        "samplers",
+    )
 
     def __init__(self) -> None:
         self.index = SeriesIndex()
@@ -212,6 +243,18 @@ class RouteTable:
         self.path_nos = np.zeros(1024, dtype=np.int32)  # by slot: its path's number, 0 for none
         self.paths: list[_Path | None] = [None]  # by number
         self._path_no: dict[int, int] = {}  # id(path) -> number
+        # Windows kept as columns, one per windowed rule; by slot, a WINDOW series' columns.
+        self.columns: list[DownsampleColumns | AggregateColumns] = []
+        self.column_nos = np.zeros(1024, dtype=np.int32)
+        self.relabels = np.zeros(1024, dtype=bool)  # by slot: the rules change its labels
+        # Sampling rules (head, probabilistic) by number: the rule, its head counts (the
+        # engine's, for slots that leave), its n (head) or rate (probabilistic, else NaN).
+        self.samplers: list[tuple[Rule, dict[Any, int]]] = []
+        self._sampler_no: dict[int, int] = {}
+        self.sampler_n = np.zeros(0, dtype=np.int64)
+        self.sampler_rate = np.zeros(0)
+        self.sampler_nos = np.zeros(1024, dtype=np.int32)  # by slot
+        self.head_seen = np.zeros(1024, dtype=np.int64)  # by slot: where it is in its count
 
     def __len__(self) -> int:
         return len(self.index)
@@ -238,9 +281,63 @@ class RouteTable:
             size = max(end, 2 * self.dispositions.size)
             self.dispositions = np.resize(self.dispositions, size)
             self.path_nos = np.resize(self.path_nos, size)
+            self.column_nos = np.resize(self.column_nos, size)
+            self.relabels = np.resize(self.relabels, size)
+            self.sampler_nos = np.resize(self.sampler_nos, size)
+            self.head_seen = np.resize(self.head_seen, size)
         self.dispositions[start:end] = list(map(_DISPOSITION_OF, routed))
         self.path_nos[start:end] = [self._number(c.path) for c in routed]
+        self.relabels[start:end] = [c.relabeled is not None for c in routed]
+        for slot, c in enumerate(routed, start):
+            if c.disposition == WINDOW:
+                self.column_nos[slot] = self._columns_of(c).register(slot)
+            elif c.disposition == SAMPLED:
+                assert c.dynamic is not None
+                no = self.sampler_nos[slot] = self._sampler(engine, c.dynamic.terminal)
+                # Where a head count stood, if the series was counted before (another table).
+                self.head_seen[slot] = self.samplers[no][1].pop(c.dynamic.key, 0)
         return index.lookup(hashes)
+
+    def _sampler(self, engine: RuleEngine, rule: Rule) -> int:
+        no = self._sampler_no.get(id(rule))
+        if no is None:
+            no = self._sampler_no[id(rule)] = len(self.samplers)
+            s = rule.settings
+            head = s.method == "head"
+            self.samplers.append((rule, engine.head_counts(rule.name) if head else {}))
+            self.sampler_n = np.append(self.sampler_n, s.n if head else 1)
+            self.sampler_rate = np.append(self.sampler_rate, math.nan if head else s.rate)
+        return no
+
+    def _columns_of(self, c: _Cached) -> DownsampleColumns | AggregateColumns:
+        assert c.dynamic is not None
+        state = c.dynamic.state
+        cols = state.columns
+        if cols is None:
+            meta = self._dynamic_of
+            kind = AggregateColumns if isinstance(state, AggregateState) else DownsampleColumns
+            cols = state.columns = kind(state, meta, c.dynamic.terminal.name, len(self.columns))
+            self.columns.append(cols)
+        return cols
+
+    def _dynamic_of(self, slot: int) -> Any:
+        return self.cached[slot].dynamic
+
+    def retire(self) -> None:
+        """The table is dropped: its windows' columns go back to their states as window
+        objects (emitted as every other window), and the states stop using them."""
+        for cols in self.columns:
+            cols.retire()
+            cols.state.columns = None
+        self.columns = []
+        n = len(self.index)
+        for slot in np.flatnonzero(self.dispositions[:n] == SAMPLED).tolist():
+            rule, heads = self.samplers[self.sampler_nos[slot]]
+            if rule.settings.method == "head":
+                dyn = self.cached[slot].dynamic
+                assert dyn is not None
+                heads[dyn.key] = int(self.head_seen[slot])
+        self.samplers = []
 
     def _number(self, path: _Path | None) -> int:
         if path is None:
@@ -256,9 +353,9 @@ def route_table(engine: RuleEngine, new: int) -> RouteTable:
     """The engine's route cache, started again when it would pass `route_cache_max` with `new`
     more series (and after a reload, which empties it)."""
     table = engine.route_cache
-    if not isinstance(table, RouteTable) or (
-        len(table) + new > engine.route_cache_max and len(table)
-    ):
+    if table is None or (len(table) + new > engine.route_cache_max and len(table)):
+        if table is not None:
+            table.retire()
         table = engine.route_cache = RouteTable()
     return table
 
@@ -288,26 +385,35 @@ def _govern_cached(
     disposition = table.dispositions[slots]
     if not disposition.any():  # all KEEP
         return Governed(None, n, n, n, 0, 0, n, 0)
+    # The request's positions by disposition, each in the request's order (one sort).
+    order = disposition.argsort(kind="stable")
+    bounds = np.searchsorted(disposition[order], _DISPOSITIONS).tolist()
+    of = {d: order[bounds[d] : bounds[d + 1]] for d in range(len(bounds) - 1)}
+    # Whether a series comes twice in the request (then its points are taken in turn).
+    ordered = np.sort(slots)
+    repeats = bool((ordered[1:] == ordered[:-1]).any())
     src = SeriesBytes.FromString(data)
     full = list(src.timeseries)
     # The output is kept series first, then the others (a WriteRequest's series order carries
     # no meaning).
-    out = list(itertools.compress(full, (disposition == KEEP).tolist()))
+    out = list(map(full.__getitem__, of[KEEP].tolist()))
     cached = table.cached
     relabeled_any = False
-    at = np.flatnonzero(disposition == RELABEL)
+    at = of[RELABEL]
     if at.size:
-        where = at.tolist()
-        whole = list(map(full.__getitem__, where))
-        labels = list(map(keys.__getitem__, where))
-        if not all(map(bytes.startswith, whole, labels)):
+        if not _splice(out, full, keys, cached, at, slots[at]):
             return None  # labels not first: cannot splice; evaluate each series instead
-        # New labels + the series' bytes after its labels, spliced in C.
-        rest = map(bytes.__getitem__, whole, map(slice, map(len, labels), _NONES))
-        new_labels = map(_RELABELED_OF, map(cached.__getitem__, slots[at].tolist()))
-        out += map(operator.add, new_labels, rest)
         relabeled_any = True
-    at = np.flatnonzero(disposition == DYNAMIC)
+    at = of[SAMPLED]
+    if at.size:
+        kept_at = _sampled(engine, table, at, slots[at], repeats)
+        relabel = table.relabels[slots[kept_at]]
+        out += map(full.__getitem__, kept_at[~relabel].tolist())
+        if relabel.any():
+            if not _splice(out, full, keys, cached, kept_at[relabel], slots[kept_at[relabel]]):
+                return None
+            relabeled_any = True
+    at = of[DYNAMIC]
     windowed: list[int] = []
     windowed_slots: list[int] = []
     append = out.append
@@ -323,10 +429,6 @@ def _govern_cached(
         dyn = c.dynamic
         assert dyn is not None
         t = dyn.terminal
-        if t.action == "sample":  # probabilistic or head: decided per datapoint
-            if _sample(engine, t, dyn.key):
-                append(series)
-            continue
         windowed.append(i)
         windowed_slots.append(slot)
         if t.action == "aggregate" and t.settings.keep_input:
@@ -368,6 +470,9 @@ def _govern_cached(
                 )
         for rule_name, (state, late) in late_before.items():
             engine.stats[rule_name].dropped += state.late - late  # windows already emitted
+    at = of[WINDOW]
+    if at.size:
+        _add_to_columns(engine, table, full, at, slots[at], samples, now_ms, repeats)
     kept = len(out)
     if kept == n and not relabeled_any:
         return Governed(None, n, n, n, 0, 0, n, 0)  # all went on as they came (keep_input ...)
@@ -375,7 +480,99 @@ def _govern_cached(
     return Governed(new, kept, kept, kept, 0, n - kept, n, 0)
 
 
+def _splice(
+    out: list[bytes],
+    full: list[bytes],
+    keys: list[bytes],
+    cached: list[_Cached],
+    at: np.ndarray,
+    slots: np.ndarray,
+) -> bool:
+    """Series `at` (their slots) with the labels the rules leave them, onto `out`: the new
+    labels + the series' bytes after its labels, spliced in C. False if a series does not start
+    with its labels (then nothing is added)."""
+    where = at.tolist()
+    whole = list(map(full.__getitem__, where))
+    labels = list(map(keys.__getitem__, where))
+    if not all(map(bytes.startswith, whole, labels)):
+        return False
+    rest = map(bytes.__getitem__, whole, map(slice, map(len, labels), _NONES))
+    new_labels = map(_RELABELED_OF, map(cached.__getitem__, slots.tolist()))
+    out += map(operator.add, new_labels, rest)
+    return True
+
+
+def _sampled(
+    engine: RuleEngine, table: RouteTable, at: np.ndarray, slots: np.ndarray, repeats: bool
+) -> np.ndarray:
+    """Which of the sampled series `at` (their slots) are kept, and counted per rule. A
+    probabilistic rule draws engine.rand() for each of its series in the request's order (as
+    evaluating them one by one does); a head rule keeps a series' point when its count is at 0,
+    and moves the count on."""
+    nos = table.sampler_nos[slots]
+    rate = table.sampler_rate[nos]
+    keep = np.zeros(at.size, dtype=bool)
+    prob = rate == rate
+    if prob.any():
+        p = np.flatnonzero(prob)
+        rand = engine.rand
+        keep[p] = np.array([rand() for _ in range(p.size)]) < rate[p]
+    if not prob.all():
+        h = np.flatnonzero(~prob)
+        head_slots, n = slots[h], table.sampler_n[nos[h]]
+        seen_of = table.head_seen
+        # A series twice in the request: its points in turn.
+        for once in rounds(head_slots) if repeats else (slice(None),):
+            s = head_slots[once]
+            seen = seen_of[s]
+            keep[h[once]] = seen == 0
+            seen_of[s] = (seen + 1) % n[once]
+    per_rule = np.bincount(nos, minlength=len(table.samplers))
+    kept = np.bincount(nos[keep], minlength=len(table.samplers))
+    for no in np.flatnonzero(per_rule).tolist():
+        st = engine.stats[table.samplers[no][0].name]
+        st.output += int(kept[no])
+        st.dropped += int(per_rule[no] - kept[no])
+    return at[keep]
+
+
+def _add_to_columns(
+    engine: RuleEngine,
+    table: RouteTable,
+    full: list[bytes],
+    at: np.ndarray,
+    slots: np.ndarray,
+    samples: Any,
+    now_ms: int,
+    repeats: bool,
+) -> None:
+    """The samples of series `at` (their slots) into their rules' windows, a rule at a time
+    (`repeats`: a series may come more than once)."""
+    where = at.tolist()
+    if samples is not None:
+        points = list(map(samples.__getitem__, where))
+    else:
+        # One sample per series: merging the series lines their samples up.
+        joined = SeriesBytes(timeseries=list(map(full.__getitem__, where))).SerializeToString()
+        points = list(MergedWriteRequest.FromString(joined).timeseries.samples)
+    values = np.fromiter(map(_VALUE_OF, points), dtype=np.float64, count=len(points))
+    ts = np.fromiter(map(_TIMESTAMP_OF, points), dtype=np.int64, count=len(points))
+    nos = table.column_nos[slots]
+    first = int(nos[0])
+    groups = [(first, slice(None))] if (nos == first).all() else None
+    if groups is None:
+        groups = [(no, np.flatnonzero(nos == no)) for no in np.unique(nos).tolist()]
+    for no, sel in groups:
+        cols = table.columns[no]
+        late = cols.state.late
+        cols.add(slots[sel], ts[sel], values[sel], now_ms, repeats)
+        engine.stats[cols.rule].dropped += cols.state.late - late  # windows already emitted
+
+
 _DISPOSITION_OF = operator.attrgetter("disposition")
+_DISPOSITIONS = np.arange(SAMPLED + 2)
+_VALUE_OF = operator.attrgetter("value")
+_TIMESTAMP_OF = operator.attrgetter("timestamp")
 _RELABELED_OF = operator.attrgetter("relabeled")
 _NONES = itertools.repeat(None)
 
@@ -410,24 +607,6 @@ def _count_routes(
                 st.dropped += count
         elif t.action == "aggregate" and t.settings.keep_input:
             st.output += count
-
-
-def _sample(engine: RuleEngine, t: Rule, key: SeriesKey | None) -> bool:
-    """A probabilistic or head sample's decision for one single-sample series; counted."""
-    s = t.settings
-    if s.method == "probabilistic":
-        keep = engine.rand() < s.rate
-    else:
-        heads = engine.head_counts(t.name)
-        seen = heads.get(key, 0)
-        keep = seen == 0
-        heads[key] = (seen + 1) % s.n
-    st = engine.stats[t.name]
-    if keep:
-        st.output += 1
-    else:
-        st.dropped += 1
-    return keep
 
 
 def govern_each(engine: RuleEngine, data: bytes) -> Governed:

@@ -119,9 +119,12 @@ class DownsampleState:
         self._windows: dict[int, dict[Hashable, _SeriesWindow]] = {}
         self._flushed_to = -1  # end of the last window emitted
         self.late = 0
+        # Windows fed a request at a time (window_columns.DownsampleColumns), if any.
+        self.columns: Any = None
 
     def __len__(self) -> int:
-        return sum(len(b) for b in self._windows.values())
+        cols = len(self.columns) if self.columns is not None else 0
+        return sum(len(b) for b in self._windows.values()) + cols
 
     def add(
         self,
@@ -177,6 +180,8 @@ class DownsampleState:
 
     def due(self, now_ms: int, *, force: bool = False) -> list[Emitted]:
         """Emit every window that ended `lateness_ms` ago (all of them with `force`)."""
+        if self.columns is not None:
+            self.columns.materialize(self.columns.due_starts(now_ms, force))
         out: list[Emitted] = []
         for start in sorted(self._windows):
             end = start + self.interval_ms
@@ -268,9 +273,12 @@ class AggregateState:
             float(f[len("quantile(") : -1]) for f in cfg.functions if f.startswith("quantile(")
         )
         self.late = 0
+        # Windows fed a request at a time (window_columns.AggregateColumns), if any.
+        self.columns: Any = None
 
     def __len__(self) -> int:
-        return sum(len(g) for g in self._windows.values())
+        cols = len(self.columns) if self.columns is not None else 0
+        return sum(len(g) for g in self._windows.values()) + cols
 
     def group_labels(self, labels: dict[str, str]) -> dict[str, str]:
         if self.cfg.by is not None:
@@ -362,6 +370,8 @@ class AggregateState:
     def due(self, now_ms: int, *, force: bool = False) -> list[Emitted]:
         """Emit every window that ended `lateness_ms` ago (all with `force`); forget counter
         series and running totals not seen for `staleness`."""
+        if self.columns is not None:
+            self.columns.materialize(self.columns.due_starts(now_ms, force))
         out: list[Emitted] = []
         for start in sorted(self._windows):
             end = start + self.interval_ms
@@ -383,6 +393,8 @@ class AggregateState:
             for key, (_, seen) in list(self._totals.items()):
                 if seen < stale:
                     del self._totals[key]
+            if self.columns is not None:
+                self.columns.prune(stale)
         return out
 
     def _emit(self, gkey: Hashable, g: _Group, end: int, now_ms: int) -> list[Emitted]:

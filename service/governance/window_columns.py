@@ -1,0 +1,417 @@
+"""Windows fed a request at a time: the remote-write route cache's windowed series, folded into
+downsample and aggregate windows with array operations instead of a Python step per datapoint.
+
+A rule's columns number the series the route cache sends it (rows, in the order routed) and, for
+an aggregate, its groups. Each open window is a set of arrays by row (downsample) or by group
+(aggregate), and a request's points for the rule are added with a few NumPy calls. When a window
+is due, or the route cache that numbered the rows is dropped, the window is turned into the
+state's own window objects (windows.py) and emitted by the same code as every other window, so
+what comes out is exactly what adding the points one by one gives.
+
+Only what needs no list of points per window is kept here: downsample avg, min, max, sum, count,
+first and last, and aggregates without quantiles. Sans-IO.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import numpy as np
+
+from service.governance.windows import AggregateState, DownsampleState, _Group, _SeriesWindow
+
+__all__ = ["AggregateColumns", "DownsampleColumns", "columns_fit", "rounds"]
+
+_T_MAX = np.iinfo(np.int64).max
+_T_MIN = np.iinfo(np.int64).min
+_SIMPLE = ("avg", "min", "max", "sum", "count", "first", "last")
+
+
+def columns_fit(state: Any) -> bool:
+    """Whether a rule's windows can be kept as columns."""
+    if isinstance(state, DownsampleState):
+        return state.cfg.method in _SIMPLE
+    if isinstance(state, AggregateState):
+        return not state._quantiles
+    return False
+
+
+def _grow(a: np.ndarray, size: int, fill: float | int) -> np.ndarray:
+    if size <= a.size:
+        return a
+    out = np.full(max(size, 2 * a.size, 64), fill, dtype=a.dtype)
+    out[: a.size] = a
+    return out
+
+
+def rounds(rows: np.ndarray) -> list[np.ndarray]:
+    """Positions of `rows` in rounds where no row repeats, each round in arrival order: the
+    first time each row appears, then the second time, ... (one round when none repeats)."""
+    if rows.size < 2:
+        return [np.arange(rows.size)]
+    order = np.argsort(rows, kind="stable")
+    ordered = rows[order]
+    if not (ordered[1:] == ordered[:-1]).any():
+        return [np.arange(rows.size)]
+    rank = np.arange(rows.size) - np.searchsorted(ordered, ordered, side="left")
+    out = []
+    for r in range(int(rank.max()) + 1):
+        out.append(np.sort(order[rank == r]))
+    return out
+
+
+class _SeriesAcc:
+    """One downsample window: per row, what windows._SeriesWindow keeps."""
+
+    __slots__ = ("count", "first_t", "first_v", "high", "last_t", "last_v", "low", "total")
+
+    def __init__(self, size: int) -> None:
+        self.count = np.zeros(size, dtype=np.int64)
+        self.total = np.zeros(size)
+        self.low = np.full(size, math.inf)
+        self.high = np.full(size, -math.inf)
+        self.first_t = np.full(size, _T_MAX, dtype=np.int64)
+        self.first_v = np.zeros(size)
+        self.last_t = np.full(size, _T_MIN, dtype=np.int64)
+        self.last_v = np.zeros(size)
+
+    def grow(self, size: int) -> None:
+        self.count = _grow(self.count, size, 0)
+        self.total = _grow(self.total, size, 0.0)
+        self.low = _grow(self.low, size, math.inf)
+        self.high = _grow(self.high, size, -math.inf)
+        self.first_t = _grow(self.first_t, size, _T_MAX)
+        self.first_v = _grow(self.first_v, size, 0.0)
+        self.last_t = _grow(self.last_t, size, _T_MIN)
+        self.last_v = _grow(self.last_v, size, 0.0)
+
+    def add(self, r: np.ndarray, t: np.ndarray, v: np.ndarray) -> None:
+        """Points of distinct rows, in arrival order."""
+        self.count[r] += 1
+        self.total[r] += v
+        self.low[r] = np.minimum(self.low[r], v)
+        self.high[r] = np.maximum(self.high[r], v)
+        earlier = t < self.first_t[r]  # the first point of a timestamp stays first
+        self.first_t[r[earlier]] = t[earlier]
+        self.first_v[r[earlier]] = v[earlier]
+        later = t >= self.last_t[r]  # the last point of a timestamp wins
+        self.last_t[r[later]] = t[later]
+        self.last_v[r[later]] = v[later]
+
+
+class _Columns:
+    """What both kinds share: rows for the series routed to the rule, and open windows by
+    start."""
+
+    def __init__(self, state: Any, meta: Callable[[int], Any], rule: str, number: int) -> None:
+        self.state = state
+        self.meta = meta  # slot -> the route cache's _Dynamic for the series
+        self.rule = rule
+        self.number = number  # in the route cache's list of columns
+        self.row_of = np.full(1024, -1, dtype=np.int64)  # by slot
+        self.slots: list[int] = []  # by row
+        self.windows: dict[int, Any] = {}  # window start -> accumulators
+
+    def register(self, slot: int) -> int:
+        """A series the route cache sends to this rule (its slot there); returns `number`."""
+        self.row_of = _grow(self.row_of, slot + 1, -1)
+        if self.row_of[slot] < 0:
+            self.row_of[slot] = len(self.slots)
+            self.slots.append(slot)
+        return self.number
+
+    def retire(self) -> None:
+        """Every open window into the state's window objects: the route cache that numbers
+        the rows is being dropped."""
+        self.materialize(sorted(self.windows))
+
+    def materialize(self, starts: list[int]) -> None:
+        raise NotImplementedError
+
+    def _admit(
+        self, slots: np.ndarray, ts: np.ndarray, values: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The points to add, as (rows, ts, values, window starts), in arrival order: NaN values
+        skipped, points of windows already emitted counted as late."""
+        state = self.state
+        ok = values == values
+        if not ok.all():
+            slots, ts, values = slots[ok], ts[ok], values[ok]
+        starts = ts - ts % state.interval_ms
+        late = self._late(starts)
+        if late.any():
+            state.late += int(late.sum())
+            keep = ~late
+            slots, ts, values, starts = slots[keep], ts[keep], values[keep], starts[keep]
+        return self.row_of[slots], ts, values, starts
+
+    @staticmethod
+    def _by_window(starts: np.ndarray) -> list[tuple[int, Any]]:
+        """(window start, positions of its points): usually one window for a whole request."""
+        if not starts.size:
+            return []
+        first = int(starts[0])
+        if (starts == first).all():
+            return [(first, slice(None))]
+        return [(w, np.flatnonzero(starts == w)) for w in np.unique(starts).tolist()]
+
+    def _late(self, starts: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def due_starts(self, now_ms: int, force: bool) -> list[int]:
+        state = self.state
+        return [
+            s
+            for s in sorted(self.windows)
+            if force or now_ms >= s + state.interval_ms + state.lateness_ms
+        ]
+
+    def __len__(self) -> int:
+        return sum(int(np.count_nonzero(acc.count)) for acc in self.windows.values())
+
+
+class DownsampleColumns(_Columns):
+    """A downsample rule's open windows as arrays by row."""
+
+    def _late(self, starts: np.ndarray) -> np.ndarray:
+        state = self.state
+        return starts + state.interval_ms <= state._flushed_to
+
+    def add(
+        self,
+        slots: np.ndarray,
+        ts: np.ndarray,
+        values: np.ndarray,
+        now_ms: int,
+        repeats: bool = True,
+    ) -> None:
+        """One request's points for this rule, by the series' slots (registered); `repeats`:
+        whether a series may come more than once."""
+        size = len(self.slots)
+        rows, ts, values, starts = self._admit(slots, ts, values)
+        for start, at in self._by_window(starts):
+            acc = self.windows.get(start)
+            if acc is None:
+                acc = self.windows[start] = _SeriesAcc(size)
+            acc.grow(size)
+            r, t, v = rows[at], ts[at], values[at]
+            for once in rounds(r) if repeats else (slice(None),):
+                acc.add(r[once], t[once], v[once])
+
+    def materialize(self, starts: list[int]) -> None:
+        """Move these windows into the state's window objects (merging with any there)."""
+        state: DownsampleState = self.state
+        for start in starts:
+            acc = self.windows.pop(start)
+            bucket = state._windows.setdefault(start, {})
+            for row in np.flatnonzero(acc.count).tolist():
+                dyn = self.meta(self.slots[row])
+                w = _SeriesWindow(
+                    dyn.name,
+                    dyn.labels,
+                    dyn.kind,
+                    dyn.wire,
+                    start,
+                    int(acc.count[row]),
+                    float(acc.total[row]),
+                    float(acc.low[row]),
+                    float(acc.high[row]),
+                    (int(acc.first_t[row]), float(acc.first_v[row])),
+                    (int(acc.last_t[row]), float(acc.last_v[row])),
+                )
+                old = bucket.get(dyn.key)
+                bucket[dyn.key] = w if old is None else _merge_series(old, w)
+
+
+def _merge_series(a: _SeriesWindow, b: _SeriesWindow) -> _SeriesWindow:
+    """One series' window from points added one by one (a) and as columns (b)."""
+    assert a.first is not None and a.last is not None
+    assert b.first is not None and b.last is not None
+    a.count += b.count
+    a.total += b.total
+    a.low = min(a.low, b.low)
+    a.high = max(a.high, b.high)
+    if b.first[0] < a.first[0]:
+        a.first = b.first
+    if b.last[0] >= a.last[0]:
+        a.last = b.last
+    return a
+
+
+class _GroupAcc:
+    """One aggregate window: per group, what windows._Group keeps (quantiles aside)."""
+
+    __slots__ = ("count", "high", "increase", "last_t", "last_v", "low", "squares", "total")
+
+    def __init__(self, size: int) -> None:
+        self.count = np.zeros(size, dtype=np.int64)
+        self.total = np.zeros(size)
+        self.squares = np.zeros(size)
+        self.low = np.full(size, math.inf)
+        self.high = np.full(size, -math.inf)
+        self.last_t = np.full(size, _T_MIN, dtype=np.int64)
+        self.last_v = np.zeros(size)
+        self.increase = np.zeros(size)
+
+    def grow(self, size: int) -> None:
+        self.count = _grow(self.count, size, 0)
+        self.total = _grow(self.total, size, 0.0)
+        self.squares = _grow(self.squares, size, 0.0)
+        self.low = _grow(self.low, size, math.inf)
+        self.high = _grow(self.high, size, -math.inf)
+        self.last_t = _grow(self.last_t, size, _T_MIN)
+        self.last_v = _grow(self.last_v, size, 0.0)
+        self.increase = _grow(self.increase, size, 0.0)
+
+
+class AggregateColumns(_Columns):
+    """An aggregate rule's open windows as arrays by group; per series (row), the last value of
+    a counter, for reset detection."""
+
+    def __init__(self, state: Any, meta: Callable[[int], Any], rule: str, number: int) -> None:
+        super().__init__(state, meta, rule, number)
+        self.group_of_row = np.zeros(64, dtype=np.int64)
+        self.counter_row = np.zeros(64, dtype=bool)
+        self.last_value = np.full(64, math.nan)  # by row: a counter's last value, NaN: none
+        self.last_seen = np.zeros(64, dtype=np.int64)
+        self.groups: list[Hashable] = []  # by number: the state's group key
+        self._group_no: dict[Hashable, int] = {}
+        self._group_meta: list[tuple[str, dict[str, str], bool]] = []
+
+    def register(self, slot: int) -> int:
+        known = self.row_of.size > slot and self.row_of[slot] >= 0
+        super().register(slot)
+        if known:
+            return self.number
+        row = len(self.slots) - 1
+        dyn = self.meta(slot)
+        glabels, gkey = dyn.grouped
+        no = self._group_no.get(gkey)
+        if no is None:
+            no = self._group_no[gkey] = len(self.groups)
+            self.groups.append(gkey)
+            self._group_meta.append((dyn.name, glabels, dyn.counter))
+        self.group_of_row = _grow(self.group_of_row, row + 1, 0)
+        self.counter_row = _grow(self.counter_row, row + 1, False)
+        self.last_value = _grow(self.last_value, row + 1, math.nan)
+        self.last_seen = _grow(self.last_seen, row + 1, 0)
+        self.group_of_row[row] = no
+        self.counter_row[row] = dyn.counter
+        if dyn.counter:  # carried over from points added one by one, if any
+            prev = self.state._last_value.pop(dyn.key, None)
+            if prev is not None:
+                self.last_value[row], self.last_seen[row] = prev
+        return self.number
+
+    def _late(self, starts: np.ndarray) -> np.ndarray:
+        return starts < self.state._flushed_to
+
+    def add(
+        self,
+        slots: np.ndarray,
+        ts: np.ndarray,
+        values: np.ndarray,
+        now_ms: int,
+        repeats: bool = True,
+    ) -> None:
+        """One request's points for this rule, by the series' slots (registered); `repeats`:
+        whether a series may come more than once."""
+        n_groups = len(self.groups)
+        rows, ts, values, starts = self._admit(slots, ts, values)
+        # Counters' increases first, in arrival order over the whole request (a late point may
+        # come before an on-time one of the same series): each against the value before it.
+        counter = self.counter_row[rows]
+        inc = None
+        if counter.any():
+            at = np.flatnonzero(counter)
+            inc = np.zeros(rows.size)
+            crows, cv = rows[at], values[at]
+            for once in rounds(crows) if repeats else (slice(None),):
+                rr, vv = crows[once], cv[once]
+                prev = self.last_value[rr]
+                # A drop in value is a restart of the source: it counted up from 0 again.
+                inc[at[once]] = np.where(prev != prev, 0.0, np.where(vv >= prev, vv - prev, vv))
+                self.last_value[rr] = vv
+                self.last_seen[rr] = now_ms
+        for start, at in self._by_window(starts):
+            acc = self.windows.get(start)
+            if acc is None:
+                acc = self.windows[start] = _GroupAcc(n_groups)
+            acc.grow(n_groups)
+            g, t, v = self.group_of_row[rows[at]], ts[at], values[at]
+            if inc is not None:
+                np.add.at(acc.increase, g, inc[at])
+            acc.count[:n_groups] += np.bincount(g, minlength=n_groups)
+            np.add.at(acc.total, g, v)
+            np.add.at(acc.squares, g, v * v)
+            np.minimum.at(acc.low, g, v)
+            np.maximum.at(acc.high, g, v)
+            # Per group its latest point (the last to arrive of the latest timestamp).
+            order = np.lexsort((np.arange(t.size), t))
+            rank = np.empty(t.size, dtype=np.int64)
+            rank[order] = np.arange(t.size)
+            best = np.full(n_groups, -1, dtype=np.int64)
+            np.maximum.at(best, g, rank)
+            has = np.flatnonzero(best >= 0)
+            pick = order[best[has]]
+            later = t[pick] >= acc.last_t[has]
+            acc.last_t[has[later]] = t[pick[later]]
+            acc.last_v[has[later]] = v[pick[later]]
+
+    def materialize(self, starts: list[int]) -> None:
+        """Move these windows into the state's window objects (merging with any there)."""
+        state: AggregateState = self.state
+        for start in starts:
+            acc = self.windows.pop(start)
+            groups = state._windows.setdefault(start, {})
+            for no in np.flatnonzero(acc.count).tolist():
+                name, glabels, counter = self._group_meta[no]
+                g = _Group(
+                    name,
+                    glabels,
+                    None,
+                    int(acc.count[no]),
+                    float(acc.total[no]),
+                    float(acc.squares[no]),
+                    float(acc.low[no]),
+                    float(acc.high[no]),
+                    (int(acc.last_t[no]), float(acc.last_v[no])),
+                    [],
+                    float(acc.increase[no]),
+                    counter,
+                )
+                gkey = self.groups[no]
+                old = groups.get(gkey)
+                groups[gkey] = g if old is None else _merge_group(old, g)
+
+    def retire(self) -> None:
+        """Every open window into the state's window objects, and the counters' last values
+        back to the state (keyed by series), for whatever adds the series' points next."""
+        super().retire()
+        last = self.state._last_value
+        for row in np.flatnonzero(self.counter_row[: len(self.slots)]).tolist():
+            value = float(self.last_value[row])
+            if value == value:
+                last[self.meta(self.slots[row]).key] = (value, int(self.last_seen[row]))
+
+    def prune(self, stale_ms: int) -> None:
+        """Forget the last values of counters not seen since `stale_ms`."""
+        n = len(self.slots)
+        gone = self.last_seen[:n] < stale_ms
+        self.last_value[:n][gone] = math.nan
+
+
+def _merge_group(a: _Group, b: _Group) -> _Group:
+    """One group's window from points added one by one (a) and as columns (b)."""
+    assert a.last is not None and b.last is not None
+    a.count += b.count
+    a.total += b.total
+    a.squares += b.squares
+    a.low = min(a.low, b.low)
+    a.high = max(a.high, b.high)
+    if b.last[0] >= a.last[0]:
+        a.last = b.last
+    a.increase += b.increase
+    return a
