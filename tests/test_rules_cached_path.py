@@ -11,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service._proto.prometheus.remote_pb2 import WriteRequest
+from service._proto.prometheus.types_pb2 import TimeSeries
+from service.codec.compression import varint
 from service.governance import prw
 from service.governance.engine import RuleEngine
 from service.governance.rules import load_rules
@@ -200,3 +202,39 @@ def assert_same_windows(emitted_a: list[Emitted], emitted_b: list[Emitted]) -> N
 
     assert plain(emitted_a) == plain(emitted_b)
     assert encoded(emitted_a) == encoded(emitted_b)
+
+
+def test_a_request_whose_series_put_samples_before_labels_is_evaluated_once_per_series() -> None:
+    """A series is spliced only if it starts with its labels. When a relabeled series of a
+    request does not (protobuf allows any field order), the whole request is evaluated series
+    by series instead, and counted once. A series that comes both ways keeps one head count and
+    one counter value: the same output, per-rule counts and windows as evaluating each series."""
+    now = [1_000_000]
+    a, b = engine(now), engine(now)
+
+    def normal(value: float) -> bytes:
+        return request(
+            [
+                ("http_latency", "api", "/u/1", 0, 1.0, 0),
+                ("queue_depth", "web", "", 1, 2.0, 0),
+                ("cpu_seconds", "db", "", 2, 3.0, 0),
+                ("reqs_total", "api", "", 3, value, 0),
+            ],
+            now[0],
+        )
+
+    def reordered(data: bytes) -> bytes:
+        """The same series, each with its samples (field 2) before its labels (field 1)."""
+        bodies = [
+            TimeSeries(samples=ts.samples).SerializeToString()
+            + TimeSeries(labels=ts.labels).SerializeToString()
+            for ts in WriteRequest.FromString(data).timeseries
+        ]
+        return b"".join(b"\x0a" + varint(len(body)) + body for body in bodies)
+
+    for data in (normal(10.0), reordered(normal(25.0)), normal(7.0), reordered(normal(9.0))):
+        cached, each = prw.govern(a, data), prw.govern_each(b, data)
+        assert series_of(cached, data) == series_of(each, data)
+        now[0] += 1000
+    assert a.stats == b.stats
+    assert_same_windows(a.due(force=True), b.due(force=True))

@@ -341,10 +341,14 @@ class RuleEngine:
                 if s.method == "hash":
                     keep = [_hash_fraction(key) < s.rate] * n
                 else:
-                    heads = self._heads[rule.name]
-                    seen = heads.get(key, 0)
+                    # The remote-write route cache keeps the counts of the series it holds.
+                    table = self.route_cache
+                    seen = table.move_head(key, n, s.n) if table is not None else None
+                    if seen is None:
+                        heads = self._heads[rule.name]
+                        seen = heads.get(key, 0)
+                        heads[key] = (seen + n) % s.n
                     keep = [(seen + j) % s.n == 0 for j in range(n)]
-                    heads[key] = (seen + n) % s.n
             kept = sum(keep)
             st.output += kept
             st.dropped += n - kept

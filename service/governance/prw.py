@@ -219,6 +219,7 @@ class RouteTable:
     can."""
 
     __slots__ = (
+        "_head_slot",
         "_path_no",
         "_sampler_no",
         "cached",
@@ -255,6 +256,7 @@ class RouteTable:
         self.sampler_rate = np.zeros(0)
         self.sampler_nos = np.zeros(1024, dtype=np.int32)  # by slot
         self.head_seen = np.zeros(1024, dtype=np.int64)  # by slot: where it is in its count
+        self._head_slot: dict[Any, int] = {}  # a head-sampled series' key -> its slot
 
     def __len__(self) -> int:
         return len(self.index)
@@ -294,9 +296,22 @@ class RouteTable:
             elif c.disposition == SAMPLED:
                 assert c.dynamic is not None
                 no = self.sampler_nos[slot] = self._sampler(engine, c.dynamic.terminal)
-                # Where a head count stood, if the series was counted before (another table).
-                self.head_seen[slot] = self.samplers[no][1].pop(c.dynamic.key, 0)
+                if c.dynamic.terminal.settings.method == "head":
+                    # Where its count stood, if it was counted before (another table, or
+                    # evaluated on its own); from now on the count is kept here.
+                    self.head_seen[slot] = self.samplers[no][1].pop(c.dynamic.key, 0)
+                    self._head_slot[c.dynamic.key] = slot
         return index.lookup(hashes)
+
+    def move_head(self, key: Any, points: int, n: int) -> int | None:
+        """For a series evaluated on its own (RuleEngine.evaluate): where its head count stood,
+        moved on by `points`; None if this table does not keep the series' count."""
+        slot = self._head_slot.get(key)
+        if slot is None:
+            return None
+        seen = int(self.head_seen[slot])
+        self.head_seen[slot] = (seen + points) % n
+        return seen
 
     def _sampler(self, engine: RuleEngine, rule: Rule) -> int:
         no = self._sampler_no.get(id(rule))
@@ -338,6 +353,7 @@ class RouteTable:
                 assert dyn is not None
                 heads[dyn.key] = int(self.head_seen[slot])
         self.samplers = []
+        self._head_slot = {}
 
     def _number(self, path: _Path | None) -> int:
         if path is None:
@@ -381,10 +397,21 @@ def _govern_cached(
     if not path_nos.any():  # no rule touches any of them
         return Governed(None, n, n, n, 0, 0, n, 0)
     now_ms = engine.clock_ms()
-    _count_routes(engine, table, path_nos, now_ms / 1000)
     disposition = table.dispositions[slots]
     if not disposition.any():  # all KEEP
+        _count_routes(engine, table, path_nos, now_ms / 1000)
         return Governed(None, n, n, n, 0, 0, n, 0)
+    src = SeriesBytes.FromString(data)
+    full = list(src.timeseries)
+    # A series whose labels change is spliced: new labels + its bytes after its labels. A
+    # request where one does not start with its labels is evaluated series by series instead,
+    # so this is checked before anything is counted.
+    relabels = np.flatnonzero(table.relabels[slots]).tolist()
+    if relabels and not all(
+        map(bytes.startswith, map(full.__getitem__, relabels), map(keys.__getitem__, relabels))
+    ):
+        return None
+    _count_routes(engine, table, path_nos, now_ms / 1000)
     # The request's positions by disposition, each in the request's order (one sort).
     order = disposition.argsort(kind="stable")
     bounds = np.searchsorted(disposition[order], _DISPOSITIONS).tolist()
@@ -392,8 +419,6 @@ def _govern_cached(
     # Whether a series comes twice in the request (then its points are taken in turn).
     ordered = np.sort(slots)
     repeats = bool((ordered[1:] == ordered[:-1]).any())
-    src = SeriesBytes.FromString(data)
-    full = list(src.timeseries)
     # The output is kept series first, then the others (a WriteRequest's series order carries
     # no meaning).
     out = list(map(full.__getitem__, of[KEEP].tolist()))
@@ -401,8 +426,7 @@ def _govern_cached(
     relabeled_any = False
     at = of[RELABEL]
     if at.size:
-        if not _splice(out, full, keys, cached, at, slots[at]):
-            return None  # labels not first: cannot splice; evaluate each series instead
+        _splice(out, full, keys, cached, at, slots[at])
         relabeled_any = True
     at = of[SAMPLED]
     if at.size:
@@ -410,8 +434,7 @@ def _govern_cached(
         relabel = table.relabels[slots[kept_at]]
         out += map(full.__getitem__, kept_at[~relabel].tolist())
         if relabel.any():
-            if not _splice(out, full, keys, cached, kept_at[relabel], slots[kept_at[relabel]]):
-                return None
+            _splice(out, full, keys, cached, kept_at[relabel], slots[kept_at[relabel]])
             relabeled_any = True
     at = of[DYNAMIC]
     windowed: list[int] = []
@@ -421,10 +444,7 @@ def _govern_cached(
         c = cached[slot]
         series = full[i]
         if c.relabeled is not None:
-            key = keys[i]
-            if not series.startswith(key):
-                return None
-            series = c.relabeled + series[len(key) :]
+            series = c.relabeled + series[len(keys[i]) :]
             relabeled_any = True
         dyn = c.dynamic
         assert dyn is not None
@@ -487,19 +507,14 @@ def _splice(
     cached: list[_Cached],
     at: np.ndarray,
     slots: np.ndarray,
-) -> bool:
-    """Series `at` (their slots) with the labels the rules leave them, onto `out`: the new
-    labels + the series' bytes after its labels, spliced in C. False if a series does not start
-    with its labels (then nothing is added)."""
+) -> None:
+    """Series `at` (their slots; each starts with its labels) with the labels the rules leave
+    them, onto `out`: the new labels + the series' bytes after its labels, spliced in C."""
     where = at.tolist()
-    whole = list(map(full.__getitem__, where))
-    labels = list(map(keys.__getitem__, where))
-    if not all(map(bytes.startswith, whole, labels)):
-        return False
-    rest = map(bytes.__getitem__, whole, map(slice, map(len, labels), _NONES))
+    whole = map(full.__getitem__, where)
+    starts = map(slice, map(len, map(keys.__getitem__, where)), _NONES)
     new_labels = map(_RELABELED_OF, map(cached.__getitem__, slots.tolist()))
-    out += map(operator.add, new_labels, rest)
-    return True
+    out += map(operator.add, new_labels, map(bytes.__getitem__, whole, starts))
 
 
 def _sampled(

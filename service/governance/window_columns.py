@@ -276,6 +276,7 @@ class AggregateColumns(_Columns):
         self.counter_row = np.zeros(64, dtype=bool)
         self.last_value = np.full(64, math.nan)  # by row: a counter's last value, NaN: none
         self.last_seen = np.zeros(64, dtype=np.int64)
+        self._counter_row: dict[Hashable, int] = {}  # a counter series' key -> its row
         self.groups: list[Hashable] = []  # by number: the state's group key
         self._group_no: dict[Hashable, int] = {}
         self._group_meta: list[tuple[str, dict[str, str], bool]] = []
@@ -303,7 +304,19 @@ class AggregateColumns(_Columns):
             prev = self.state._last_value.pop(dyn.key, None)
             if prev is not None:
                 self.last_value[row], self.last_seen[row] = prev
+            self._counter_row[dyn.key] = row
         return self.number
+
+    def swap_last(self, key: Hashable, value: float, now_ms: int) -> tuple[bool, float | None]:
+        """For a point added on its own (AggregateState.add_one): whether these columns keep the
+        counter's last value, and if so the value before `value` (None: none yet)."""
+        row = self._counter_row.get(key)
+        if row is None:
+            return False, None
+        prev = float(self.last_value[row])
+        self.last_value[row] = value
+        self.last_seen[row] = now_ms
+        return True, (prev if prev == prev else None)
 
     def _late(self, starts: np.ndarray) -> np.ndarray:
         return starts < self.state._flushed_to

@@ -350,11 +350,19 @@ class AggregateState:
         elif origin is not None and g.origin is not None and origin != g.origin:
             g.origin = _common_origin(g.origin, origin)
         if counter:
-            prev = self._last_value.get(series_key)
-            if prev is not None:
+            # The remote-write route cache's columns keep the last values of the series they hold.
+            held, before = (
+                self.columns.swap_last(series_key, value, now_ms)
+                if self.columns is not None
+                else (False, None)
+            )
+            if not held:
+                prev = self._last_value.get(series_key)
+                before = None if prev is None else prev[0]
+                self._last_value[series_key] = (value, now_ms)
+            if before is not None:
                 # A drop in value is a restart of the source: it counted up from 0 again.
-                g.increase += value - prev[0] if value >= prev[0] else value
-            self._last_value[series_key] = (value, now_ms)
+                g.increase += value - before if value >= before else value
         g.count += 1
         g.total += value
         g.squares += value * value
