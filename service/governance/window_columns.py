@@ -62,30 +62,42 @@ def rounds(rows: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-class _SeriesAcc:
-    """One downsample window: per row, what windows._SeriesWindow keeps."""
+class _Acc:
+    """One open window's accumulators: an array per field, by row or group, each started at
+    its field's neutral value."""
 
-    __slots__ = ("count", "first_t", "first_v", "high", "last_t", "last_v", "low", "total")
+    FIELDS: tuple[tuple[str, Any, float | int], ...] = ()  # name, dtype, initial value
+    count: np.ndarray
 
     def __init__(self, size: int) -> None:
-        self.count = np.zeros(size, dtype=np.int64)
-        self.total = np.zeros(size)
-        self.low = np.full(size, math.inf)
-        self.high = np.full(size, -math.inf)
-        self.first_t = np.full(size, _T_MAX, dtype=np.int64)
-        self.first_v = np.zeros(size)
-        self.last_t = np.full(size, _T_MIN, dtype=np.int64)
-        self.last_v = np.zeros(size)
+        for name, dtype, fill in self.FIELDS:
+            setattr(self, name, np.full(size, fill, dtype=dtype))
 
     def grow(self, size: int) -> None:
-        self.count = _grow(self.count, size, 0)
-        self.total = _grow(self.total, size, 0.0)
-        self.low = _grow(self.low, size, math.inf)
-        self.high = _grow(self.high, size, -math.inf)
-        self.first_t = _grow(self.first_t, size, _T_MAX)
-        self.first_v = _grow(self.first_v, size, 0.0)
-        self.last_t = _grow(self.last_t, size, _T_MIN)
-        self.last_v = _grow(self.last_v, size, 0.0)
+        for name, _, fill in self.FIELDS:
+            setattr(self, name, _grow(getattr(self, name), size, fill))
+
+
+class _SeriesAcc(_Acc):
+    """One downsample window: per row, what windows._SeriesWindow keeps."""
+
+    FIELDS = (
+        ("count", np.int64, 0),
+        ("total", np.float64, 0.0),
+        ("low", np.float64, math.inf),
+        ("high", np.float64, -math.inf),
+        ("first_t", np.int64, _T_MAX),
+        ("first_v", np.float64, 0.0),
+        ("last_t", np.int64, _T_MIN),
+        ("last_v", np.float64, 0.0),
+    )
+    total: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    first_t: np.ndarray
+    first_v: np.ndarray
+    last_t: np.ndarray
+    last_v: np.ndarray
 
     def add(self, r: np.ndarray, t: np.ndarray, v: np.ndarray) -> None:
         """Points of distinct rows, in arrival order."""
@@ -160,6 +172,50 @@ class _Columns:
     def _late(self, starts: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def add(
+        self,
+        slots: np.ndarray,
+        ts: np.ndarray,
+        values: np.ndarray,
+        now_ms: int,
+        repeats: bool = True,
+    ) -> None:
+        """One request's points for this rule, by the series' slots (registered); `repeats`:
+        whether a series may come more than once."""
+        rows, ts, values, starts = self._admit(slots, ts, values)
+        increases = self._increases(rows, values, now_ms, repeats)
+        size = self._size()
+        for start, at in self._by_window(starts):
+            acc = self.windows.get(start)
+            if acc is None:
+                acc = self.windows[start] = self._acc(size)
+            acc.grow(size)
+            inc = increases[at] if increases is not None else None
+            self._fold(acc, rows[at], ts[at], values[at], inc, repeats)
+
+    def _increases(
+        self, rows: np.ndarray, values: np.ndarray, now_ms: int, repeats: bool
+    ) -> np.ndarray | None:
+        """Per point, what it adds to a counter's increase (aggregates of counters)."""
+        return None
+
+    def _size(self) -> int:
+        raise NotImplementedError
+
+    def _acc(self, size: int) -> _Acc:
+        raise NotImplementedError
+
+    def _fold(
+        self,
+        acc: Any,
+        rows: np.ndarray,
+        ts: np.ndarray,
+        values: np.ndarray,
+        increases: np.ndarray | None,
+        repeats: bool,
+    ) -> None:
+        raise NotImplementedError
+
     def due_starts(self, now_ms: int, force: bool) -> list[int]:
         state = self.state
         return [
@@ -179,26 +235,23 @@ class DownsampleColumns(_Columns):
         state = self.state
         return starts + state.interval_ms <= state._flushed_to
 
-    def add(
+    def _size(self) -> int:
+        return len(self.slots)
+
+    def _acc(self, size: int) -> _Acc:
+        return _SeriesAcc(size)
+
+    def _fold(
         self,
-        slots: np.ndarray,
+        acc: Any,
+        rows: np.ndarray,
         ts: np.ndarray,
         values: np.ndarray,
-        now_ms: int,
-        repeats: bool = True,
+        increases: np.ndarray | None,
+        repeats: bool,
     ) -> None:
-        """One request's points for this rule, by the series' slots (registered); `repeats`:
-        whether a series may come more than once."""
-        size = len(self.slots)
-        rows, ts, values, starts = self._admit(slots, ts, values)
-        for start, at in self._by_window(starts):
-            acc = self.windows.get(start)
-            if acc is None:
-                acc = self.windows[start] = _SeriesAcc(size)
-            acc.grow(size)
-            r, t, v = rows[at], ts[at], values[at]
-            for once in rounds(r) if repeats else (slice(None),):
-                acc.add(r[once], t[once], v[once])
+        for once in rounds(rows) if repeats else (slice(None),):
+            acc.add(rows[once], ts[once], values[once])
 
     def materialize(self, starts: list[int]) -> None:
         """Move these windows into the state's window objects (merging with any there)."""
@@ -240,30 +293,26 @@ def _merge_series(a: _SeriesWindow, b: _SeriesWindow) -> _SeriesWindow:
     return a
 
 
-class _GroupAcc:
+class _GroupAcc(_Acc):
     """One aggregate window: per group, what windows._Group keeps (quantiles aside)."""
 
-    __slots__ = ("count", "high", "increase", "last_t", "last_v", "low", "squares", "total")
-
-    def __init__(self, size: int) -> None:
-        self.count = np.zeros(size, dtype=np.int64)
-        self.total = np.zeros(size)
-        self.squares = np.zeros(size)
-        self.low = np.full(size, math.inf)
-        self.high = np.full(size, -math.inf)
-        self.last_t = np.full(size, _T_MIN, dtype=np.int64)
-        self.last_v = np.zeros(size)
-        self.increase = np.zeros(size)
-
-    def grow(self, size: int) -> None:
-        self.count = _grow(self.count, size, 0)
-        self.total = _grow(self.total, size, 0.0)
-        self.squares = _grow(self.squares, size, 0.0)
-        self.low = _grow(self.low, size, math.inf)
-        self.high = _grow(self.high, size, -math.inf)
-        self.last_t = _grow(self.last_t, size, _T_MIN)
-        self.last_v = _grow(self.last_v, size, 0.0)
-        self.increase = _grow(self.increase, size, 0.0)
+    FIELDS = (
+        ("count", np.int64, 0),
+        ("total", np.float64, 0.0),
+        ("squares", np.float64, 0.0),
+        ("low", np.float64, math.inf),
+        ("high", np.float64, -math.inf),
+        ("last_t", np.int64, _T_MIN),
+        ("last_v", np.float64, 0.0),
+        ("increase", np.float64, 0.0),
+    )
+    total: np.ndarray
+    squares: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    last_t: np.ndarray
+    last_v: np.ndarray
+    increase: np.ndarray
 
 
 class AggregateColumns(_Columns):
@@ -321,57 +370,63 @@ class AggregateColumns(_Columns):
     def _late(self, starts: np.ndarray) -> np.ndarray:
         return starts < self.state._flushed_to
 
-    def add(
+    def _size(self) -> int:
+        return len(self.groups)
+
+    def _acc(self, size: int) -> _Acc:
+        return _GroupAcc(size)
+
+    def _increases(
+        self, rows: np.ndarray, values: np.ndarray, now_ms: int, repeats: bool
+    ) -> np.ndarray | None:
+        """Counters' increases, in arrival order over the whole request (a late point may come
+        before an on-time one of the same series): each against the value before it."""
+        counter = self.counter_row[rows]
+        if not counter.any():
+            return None
+        at = np.flatnonzero(counter)
+        inc = np.zeros(rows.size)
+        crows, cv = rows[at], values[at]
+        for once in rounds(crows) if repeats else (slice(None),):
+            rr, vv = crows[once], cv[once]
+            prev = self.last_value[rr]
+            # A drop in value is a restart of the source: it counted up from 0 again.
+            inc[at[once]] = np.where(prev != prev, 0.0, np.where(vv >= prev, vv - prev, vv))
+            self.last_value[rr] = vv
+            self.last_seen[rr] = now_ms
+        return inc
+
+    def _fold(
         self,
-        slots: np.ndarray,
+        acc: Any,
+        rows: np.ndarray,
         ts: np.ndarray,
         values: np.ndarray,
-        now_ms: int,
-        repeats: bool = True,
+        increases: np.ndarray | None,
+        repeats: bool,
     ) -> None:
-        """One request's points for this rule, by the series' slots (registered); `repeats`:
-        whether a series may come more than once."""
         n_groups = len(self.groups)
-        rows, ts, values, starts = self._admit(slots, ts, values)
-        # Counters' increases first, in arrival order over the whole request (a late point may
-        # come before an on-time one of the same series): each against the value before it.
-        counter = self.counter_row[rows]
-        inc = None
-        if counter.any():
-            at = np.flatnonzero(counter)
-            inc = np.zeros(rows.size)
-            crows, cv = rows[at], values[at]
-            for once in rounds(crows) if repeats else (slice(None),):
-                rr, vv = crows[once], cv[once]
-                prev = self.last_value[rr]
-                # A drop in value is a restart of the source: it counted up from 0 again.
-                inc[at[once]] = np.where(prev != prev, 0.0, np.where(vv >= prev, vv - prev, vv))
-                self.last_value[rr] = vv
-                self.last_seen[rr] = now_ms
-        for start, at in self._by_window(starts):
-            acc = self.windows.get(start)
-            if acc is None:
-                acc = self.windows[start] = _GroupAcc(n_groups)
-            acc.grow(n_groups)
-            g, t, v = self.group_of_row[rows[at]], ts[at], values[at]
-            if inc is not None:
-                np.add.at(acc.increase, g, inc[at])
-            acc.count[:n_groups] += np.bincount(g, minlength=n_groups)
-            np.add.at(acc.total, g, v)
-            np.add.at(acc.squares, g, v * v)
-            np.minimum.at(acc.low, g, v)
-            np.maximum.at(acc.high, g, v)
-            # Per group its latest point (the last to arrive of the latest timestamp).
-            order = np.lexsort((np.arange(t.size), t))
-            rank = np.empty(t.size, dtype=np.int64)
-            rank[order] = np.arange(t.size)
-            best = np.full(n_groups, -1, dtype=np.int64)
-            np.maximum.at(best, g, rank)
-            has = np.flatnonzero(best >= 0)
-            pick = order[best[has]]
-            later = t[pick] >= acc.last_t[has]
-            acc.last_t[has[later]] = t[pick[later]]
-            acc.last_v[has[later]] = v[pick[later]]
+        g, t, v = self.group_of_row[rows], ts, values
+        # Sums in arrival order, point by point (ufunc.at), as adding them one by one does:
+        # the same floating-point results, not merely close ones.
+        if increases is not None:
+            np.add.at(acc.increase, g, increases)
+        acc.count[:n_groups] += np.bincount(g, minlength=n_groups)
+        np.add.at(acc.total, g, v)
+        np.add.at(acc.squares, g, v * v)
+        np.minimum.at(acc.low, g, v)
+        np.maximum.at(acc.high, g, v)
+        # Per group its latest point (the last to arrive of the latest timestamp).
+        order = np.lexsort((np.arange(t.size), t))
+        rank = np.empty(t.size, dtype=np.int64)
+        rank[order] = np.arange(t.size)
+        best = np.full(n_groups, -1, dtype=np.int64)
+        np.maximum.at(best, g, rank)
+        has = np.flatnonzero(best >= 0)
+        pick = order[best[has]]
+        later = t[pick] >= acc.last_t[has]
+        acc.last_t[has[later]] = t[pick[later]]
+        acc.last_v[has[later]] = v[pick[later]]
 
     def materialize(self, starts: list[int]) -> None:
         """Move these windows into the state's window objects (merging with any there)."""
