@@ -365,13 +365,16 @@ class RouteTable:
         return no
 
 
-def route_table(engine: RuleEngine, new: int) -> RouteTable:
-    """The engine's route cache, started again when it would pass `route_cache_max` with `new`
-    more series (and after a reload, which empties it)."""
+def route_table(engine: RuleEngine, hashes: np.ndarray) -> RouteTable:
+    """The engine's route cache for a request of these series: started again when their new
+    ones would take it past `route_cache_max` (and after a reload, which empties it)."""
     table = engine.route_cache
-    if table is None or (len(table) + new > engine.route_cache_max and len(table)):
-        if table is not None:
+    if table is not None and len(table) + hashes.size > engine.route_cache_max:
+        new = int(np.count_nonzero(table.index.lookup(hashes) < 0))
+        if len(table) + new > engine.route_cache_max:
             table.retire()
+            table = None
+    if table is None:
         table = engine.route_cache = RouteTable()
     return table
 
@@ -389,9 +392,7 @@ def _govern_cached(
     # series, and a collision needs ~4 billion series in the cache at once to become likely.
     keys, hashes = series if series is not None else series_keys(data)
     n = len(keys)
-    table = route_table(engine, 0)
-    if len(table) + n > engine.route_cache_max:
-        table = route_table(engine, int(np.count_nonzero(table.index.lookup(hashes) < 0)))
+    table = route_table(engine, hashes)
     slots = table.slots(engine, keys, hashes)
     path_nos = table.path_nos[slots]
     if not path_nos.any():  # no rule touches any of them
@@ -416,9 +417,12 @@ def _govern_cached(
     order = disposition.argsort(kind="stable")
     bounds = np.searchsorted(disposition[order], _DISPOSITIONS).tolist()
     of = {d: order[bounds[d] : bounds[d + 1]] for d in range(len(bounds) - 1)}
-    # Whether a series comes twice in the request (then its points are taken in turn).
-    ordered = np.sort(slots)
-    repeats = bool((ordered[1:] == ordered[:-1]).any())
+    # Whether a series comes twice in the request (then its points are taken in turn); only
+    # sampled and windowed series need to know.
+    repeats = False
+    if of[SAMPLED].size or of[WINDOW].size:
+        ordered = np.sort(slots)
+        repeats = bool((ordered[1:] == ordered[:-1]).any())
     # The output is kept series first, then the others (a WriteRequest's series order carries
     # no meaning).
     out = list(map(full.__getitem__, of[KEEP].tolist()))
