@@ -1,8 +1,10 @@
-"""The rule engine on remote write: shows each TimeSeries of a WriteRequest to the engine and
-builds what comes out; encodes emitted windows as a WriteRequest.
+"""The rule engine on remote write: runs the rules over a WriteRequest's series and builds what
+comes out; encodes emitted windows as a WriteRequest.
 
-Python work per series only for series whose metric name some rule's pattern matches (one dict
-lookup for the rest); a request that no rule changed is forwarded as the client sent it.
+Requests of one sample per series take the cached path (RouteTable): each distinct series'
+way through the rules is decided once, and a request's series are then treated with array
+operations a request at a time. A request that no rule changed is forwarded as the client sent
+it.
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ from service._proto.prometheus.types_pb2 import Label, Sample, TimeSeries
 from service.codec import prw as prw_codec
 from service.codec.compression import varint
 from service.codec.errors import BadProtobuf
-from service.governance.cardinality import series_hash
+from service.governance.cardinality import hash_array
 from service.governance.engine import PASS_ROUTE, RuleEngine, SeriesKey
 from service.governance.rules import Rule
-from service.governance.series_index import SeriesIndex
+from service.governance.series_index import SeriesIndex, grown
 from service.governance.window_columns import (
     AggregateColumns,
     DownsampleColumns,
@@ -71,18 +73,18 @@ def govern(
     engine: RuleEngine,
     data: bytes,
     counts: prw_codec.Counts | None = None,
-    series: tuple[list[bytes], list[int]] | None = None,
+    series: tuple[list[bytes], np.ndarray] | None = None,
     samples: Any = None,
 ) -> Governed:
     """Validate a serialized WriteRequest (raises BadProtobuf) and run the rules over it.
-    `counts` (prw_codec.count) and `series` (the series' label bytes and hashes) when the
+    `counts` (prw_codec.count) and `series` (`series_keys`: label bytes and hashes) when the
     caller has them already, for the same `data`; or `counts` and `samples` from
     prw_codec.count_samples, with `series`: then the labels of series new to the route cache
     are validated here, before anything is counted.
 
     Requests of single-sample float series (what Prometheus sends) take the cached path: each
     distinct series' route through the rules is decided once and found again by its serialized
-    labels, so a known series costs a few dict and list operations, mostly in C. Anything else
+    labels, so a known series costs a share of a request's array operations. Anything else
     (native histograms, several samples in a series) is evaluated series by series."""
     if counts is None:
         counts = prw_codec.count(data)
@@ -132,7 +134,7 @@ class _Cached:
     """A series' treatment. Series that need nothing of their own (passed on as they are, or
     dropped) share one object per path, so the cache costs little more than its keys."""
 
-    disposition: int  # KEEP, RELABEL, DROP, or DYNAMIC (sampled per request, or windowed)
+    disposition: int  # KEEP, RELABEL, DROP, DYNAMIC, WINDOW or SAMPLED
     # The rules the series passes, shared by every series with the same ones: requests are
     # counted per path, not per series.
     path: _Path | None
@@ -201,7 +203,7 @@ def series_keys(data: bytes) -> tuple[list[bytes], np.ndarray]:
     request's order: upb parses a labels-only view and serializes it back without the samples,
     all in C."""
     keys = label_keys(data)
-    return keys, np.fromiter(map(series_hash, keys), dtype=np.uint64, count=len(keys))
+    return keys, hash_array(keys)
 
 
 def label_keys(data: bytes) -> list[bytes]:
@@ -266,27 +268,21 @@ class RouteTable:
         parsed, which validates them: raises DecodeError) and gets the next slot."""
         index = self.index
         slots = index.lookup(hashes)
-        missing = np.flatnonzero(slots < 0)
-        if not missing.size:
+        if slots.min(initial=0) >= 0:
             return slots
-        # New series in the order of their first place in the request (a series sent twice in
-        # it is routed once).
-        new_hashes, first = np.unique(hashes[missing], return_index=True)
-        order = np.argsort(first)
-        new_hashes, first = new_hashes[order], missing[first[order]]
+        # New series get the next slots, in the order of their first place in the request.
+        new_hashes, first = index.unseen(hashes, slots)
         routed = [_route(engine, keys[i]) for i in first.tolist()]
         start = len(index)
         index.add_many(new_hashes)
         end = len(index)
         self.cached += routed
-        if end > self.dispositions.size:
-            size = max(end, 2 * self.dispositions.size)
-            self.dispositions = np.resize(self.dispositions, size)
-            self.path_nos = np.resize(self.path_nos, size)
-            self.column_nos = np.resize(self.column_nos, size)
-            self.relabels = np.resize(self.relabels, size)
-            self.sampler_nos = np.resize(self.sampler_nos, size)
-            self.head_seen = np.resize(self.head_seen, size)
+        self.dispositions = grown(self.dispositions, end)
+        self.path_nos = grown(self.path_nos, end)
+        self.column_nos = grown(self.column_nos, end)
+        self.relabels = grown(self.relabels, end)
+        self.sampler_nos = grown(self.sampler_nos, end)
+        self.head_seen = grown(self.head_seen, end)
         self.dispositions[start:end] = list(map(_DISPOSITION_OF, routed))
         self.path_nos[start:end] = [self._number(c.path) for c in routed]
         self.relabels[start:end] = [c.relabeled is not None for c in routed]
@@ -301,7 +297,9 @@ class RouteTable:
                     # evaluated on its own); from now on the count is kept here.
                     self.head_seen[slot] = self.samplers[no][1].pop(c.dynamic.key, 0)
                     self._head_slot[c.dynamic.key] = slot
-        return index.lookup(hashes)
+        missing = np.flatnonzero(slots < 0)
+        slots[missing] = index.lookup(hashes[missing])
+        return slots
 
     def move_head(self, key: Any, points: int, n: int) -> int | None:
         """For a series evaluated on its own (RuleEngine.evaluate): where its head count stood,
@@ -441,59 +439,10 @@ def _govern_cached(
             _splice(out, full, keys, cached, kept_at[relabel], slots[kept_at[relabel]])
             relabeled_any = True
     at = of[DYNAMIC]
-    windowed: list[int] = []
-    windowed_slots: list[int] = []
-    append = out.append
-    for i, slot in zip(at.tolist(), slots[at].tolist(), strict=True):
-        c = cached[slot]
-        series = full[i]
-        if c.relabeled is not None:
-            series = c.relabeled + series[len(keys[i]) :]
-            relabeled_any = True
-        dyn = c.dynamic
-        assert dyn is not None
-        t = dyn.terminal
-        windowed.append(i)
-        windowed_slots.append(slot)
-        if t.action == "aggregate" and t.settings.keep_input:
-            append(series)
-    if windowed:
-        if samples is not None:
-            points = list(map(samples.__getitem__, windowed))
-        else:
-            # One sample per series: merging the windowed series lines their samples up.
-            joined = SeriesBytes(timeseries=[full[i] for i in windowed]).SerializeToString()
-            points = list(MergedWriteRequest.FromString(joined).timeseries.samples)
-        late_before: dict[str, tuple[Any, int]] = {}
-        for slot, sample in zip(windowed_slots, points, strict=True):
-            dyn = cached[slot].dynamic
-            assert dyn is not None
-            t = dyn.terminal
-            state = dyn.state
-            if t.name not in late_before:
-                late_before[t.name] = (state, state.late)
-            if dyn.grouped is None:  # downsample: outputs reuse the serialized labels
-                state.add_one(
-                    dyn.key,
-                    dyn.name,
-                    dyn.labels,
-                    dyn.kind,
-                    dyn.wire,
-                    sample.timestamp,
-                    sample.value,
-                )
-            else:
-                state.add_one(
-                    dyn.key,
-                    dyn.name,
-                    dyn.grouped,
-                    dyn.counter,
-                    sample.timestamp,
-                    sample.value,
-                    now_ms,
-                )
-        for rule_name, (state, late) in late_before.items():
-            engine.stats[rule_name].dropped += state.late - late  # windows already emitted
+    if at.size:
+        relabeled_any |= _add_one_by_one(
+            engine, out, full, keys, cached, at, slots[at], samples, now_ms
+        )
     at = of[WINDOW]
     if at.size:
         _add_to_columns(engine, table, full, at, slots[at], samples, now_ms, repeats)
@@ -555,6 +504,60 @@ def _sampled(
     return at[keep]
 
 
+def _points_of(full: list[bytes], where: list[int], samples: Any) -> list[Any]:
+    """The samples (one a series) of series `where`: from the request's samples when the caller
+    has them, else by merging those series so that their samples line up with them."""
+    if samples is not None:
+        return list(map(samples.__getitem__, where))
+    joined = SeriesBytes(timeseries=list(map(full.__getitem__, where))).SerializeToString()
+    return list(MergedWriteRequest.FromString(joined).timeseries.samples)
+
+
+def _add_one_by_one(
+    engine: RuleEngine,
+    out: list[bytes],
+    full: list[bytes],
+    keys: list[bytes],
+    cached: list[_Cached],
+    at: np.ndarray,
+    slots: np.ndarray,
+    samples: Any,
+    now_ms: int,
+) -> bool:
+    """Series `at` (their slots) into windows that take their points one at a time (LTTB,
+    swinging door, quantiles, aggregates that keep their input; the latter also go on, onto
+    `out`). Whether a series that went on has new labels."""
+    relabeled_any = False
+    late_before: dict[str, tuple[Any, int]] = {}
+    where = at.tolist()
+    for i, slot, sample in zip(
+        where, slots.tolist(), _points_of(full, where, samples), strict=True
+    ):
+        c = cached[slot]
+        dyn = c.dynamic
+        assert dyn is not None
+        t, state = dyn.terminal, dyn.state
+        if t.name not in late_before:
+            late_before[t.name] = (state, state.late)
+        if dyn.grouped is None:  # downsample: outputs reuse the serialized labels
+            state.add_one(
+                dyn.key, dyn.name, dyn.labels, dyn.kind, dyn.wire, sample.timestamp, sample.value
+            )
+        else:
+            state.add_one(
+                dyn.key, dyn.name, dyn.grouped, dyn.counter, sample.timestamp, sample.value, now_ms
+            )
+            if t.settings.keep_input:
+                series = full[i]
+                if c.relabeled is not None:
+                    series = c.relabeled + series[len(keys[i]) :]
+                    relabeled_any = True
+                out.append(series)
+    for rule_name, (state, late) in late_before.items():
+        engine.stats[rule_name].dropped += state.late - late  # windows already emitted
+    return relabeled_any
+
+
 def _add_to_columns(
     engine: RuleEngine,
     table: RouteTable,
@@ -567,13 +570,7 @@ def _add_to_columns(
 ) -> None:
     """The samples of series `at` (their slots) into their rules' windows, a rule at a time
     (`repeats`: a series may come more than once)."""
-    where = at.tolist()
-    if samples is not None:
-        points = list(map(samples.__getitem__, where))
-    else:
-        # One sample per series: merging the series lines their samples up.
-        joined = SeriesBytes(timeseries=list(map(full.__getitem__, where))).SerializeToString()
-        points = list(MergedWriteRequest.FromString(joined).timeseries.samples)
+    points = _points_of(full, at.tolist(), samples)
     values = np.fromiter(map(_VALUE_OF, points), dtype=np.float64, count=len(points))
     ts = np.fromiter(map(_TIMESTAMP_OF, points), dtype=np.int64, count=len(points))
     nos = table.column_nos[slots]

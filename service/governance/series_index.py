@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["SeriesIndex"]
+__all__ = ["SeriesIndex", "grown"]
 
 _WIDTH = 8  # cells a bucket
 # A bucket is one row of 12 uint64: 8 keys, then their 8 slots as int32 pairs, so the slot comes
@@ -26,6 +26,16 @@ _EMPTY = 0
 # only if one hashes to 0 and the other to this: as likely as any 64-bit collision).
 _ZERO_ALIAS = 0x9E3779B97F4A7C15
 _MIN_BUCKETS = 128
+
+
+def grown(a: np.ndarray, size: int, fill: float | int = 0) -> np.ndarray:
+    """`a` with room for at least `size` entries (by slot, by row): the same array when it has
+    it, else a copy at least twice as long, the new entries `fill`."""
+    if size <= a.size:
+        return a
+    out = np.full(max(size, 2 * a.size, 64), fill, dtype=a.dtype)
+    out[: a.size] = a
+    return out
 
 
 class SeriesIndex:
@@ -64,6 +74,15 @@ class SeriesIndex:
             out[todo[hit]] = rows.view(np.int32)[at[hit], _SLOT0 + col[hit]]
             todo = todo[~hit & (rows[:, _WIDTH - 1] != _EMPTY)]
         return out
+
+    def unseen(self, hashes: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Of a request's hashes and their slots (`lookup`): the distinct hashes the table
+        does not hold, in the order of their first place in the request, and those places (a
+        series sent twice in a request is new once)."""
+        missing = np.flatnonzero(slots < 0)
+        new, first = np.unique(hashes[missing], return_index=True)
+        order = np.argsort(first)
+        return new[order], missing[first[order]]
 
     def get(self, h: int) -> int:
         """The slot of one hash; -1 if absent."""

@@ -44,9 +44,10 @@ from service.codec import prw as prw_codec
 from service.codec.errors import BadProtobuf
 from service.governance import otlp as otlp_gov
 from service.governance import prw as prw_gov
+from service.governance.cardinality import hash_array
 from service.governance.engine import RuleEngine, SeriesKey
 from service.governance.limits import Decisions, LimitEngine, Series
-from service.governance.series_index import SeriesIndex
+from service.governance.series_index import SeriesIndex, grown
 from service.governance.stats import Stats
 from service.governance.windows import Emitted
 from service.telemetry import logs
@@ -65,7 +66,6 @@ _COUNTER_SUFFIXES = ("_total", "_count", "_sum", "_bucket")
 _NAME_RE = re.compile(rb"__name__\x12([\x01-\x7f][a-zA-Z_:][a-zA-Z0-9_:]*)")
 _INTERN_MAX = 1_000_000
 _HELD_MAX = 256  # requests whose series' states are held before they are counted anyway
-_xxh3 = xxhash.xxh3_64_intdigest  # cardinality.series_hash
 _WINDOW_BITS = 0xFFFFFFFF  # Facts.state's low bits: a window index, modulo 2^32
 _UNSEEN = _WINDOW_BITS  # never a window's index (2^32 - 1 s windows is the year 2106)
 
@@ -220,13 +220,14 @@ class Governance:
             except DecodeError:
                 raise BadProtobuf("body is not a valid protobuf WriteRequest") from None
             counts, samples = prw_codec.count_samples(data, len(keys))
+            keys_ids = (keys, hash_array(keys))
         else:
             counts = prw_codec.count(data)
+            keys_ids = None
         single = not counts.histograms and counts.samples == counts.series
         now_s = self.clock_ms() / 1000
         removed = 0
         changed = None
-        keys_ids = None
         if stats is not None and not stats.full:
             names = _NAME_RE.findall(data) if single else None
             per_name = None
@@ -236,9 +237,9 @@ class Governance:
                     per_name = {k[1:].decode(): n for k, n in found.items()}
             stats.add_datapoints(per_name or _points_per_name(data), now_s)
         if by_series:
-            assert keys is not None
+            assert keys_ids is not None
+            keys, hashes = keys_ids
             self._check_facts()
-            hashes = np.fromiter(map(_xxh3, keys), dtype=np.uint64, count=len(keys))
             try:
                 slots = self._slots_of(keys, hashes)
             except DecodeError:  # a new series' labels
@@ -246,7 +247,6 @@ class Governance:
             points = None if single else _points_per_series(data)
             if stats is not None:
                 self._count_prw(stats, slots, hashes, points, now_s)
-            keys_ids = (keys, hashes)
             if limits is not None:
                 facts = list(map(self._slot_facts.__getitem__, slots.tolist()))
                 ids = hashes.tolist()
@@ -255,8 +255,6 @@ class Governance:
                     changed, removed = self._apply_prw(limits, data, keys, facts, ids, decided)
             if len(self._index) > self.series_cache:  # one request had more new series
                 self._evict_prw(self.series_cache // 2)
-        elif keys is not None:
-            keys_ids = (keys, np.fromiter(map(_xxh3, keys), dtype=np.uint64, count=len(keys)))
         if changed is not None:
             data = changed
             counts_after = prw_codec.count(data)
@@ -299,19 +297,12 @@ class Governance:
             self._evict_prw(max(0, min(len(index) // 2, self.series_cache - missing.size)))
             slots = index.lookup(hashes)
             missing = np.flatnonzero(slots < 0)
-        # New series get the next slots, in the order of their first place in the request (a
-        # series sent twice in it gets one slot).
-        new_hashes, first = np.unique(hashes[missing], return_index=True)
-        order = np.argsort(first)
-        new_hashes, first = new_hashes[order], missing[first[order]]
+        # New series get the next slots, in the order of their first place in the request.
+        new_hashes, first = index.unseen(hashes, slots)
         facts = [self._new_facts_prw(keys[i]) for i in first.tolist()]
         new_slots = index.add_many(new_hashes)
         self._slot_facts += facts
-        end = len(index)
-        if end > self._slot_state.size:
-            grown = np.zeros(max(end, 2 * self._slot_state.size), dtype=np.int64)
-            grown[: self._slot_state.size] = self._slot_state
-            self._slot_state = grown
+        self._slot_state = grown(self._slot_state, len(index))
         self._slot_state[new_slots] = list(map(_STATE_OF, facts))
         slots[missing] = index.lookup(hashes[missing])
         return slots

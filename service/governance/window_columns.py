@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from service.governance.series_index import grown
 from service.governance.windows import AggregateState, DownsampleState, _Group, _SeriesWindow
 
 __all__ = ["AggregateColumns", "DownsampleColumns", "columns_fit", "rounds"]
@@ -36,14 +37,6 @@ def columns_fit(state: Any) -> bool:
     if isinstance(state, AggregateState):
         return not state._quantiles
     return False
-
-
-def _grow(a: np.ndarray, size: int, fill: float | int) -> np.ndarray:
-    if size <= a.size:
-        return a
-    out = np.full(max(size, 2 * a.size, 64), fill, dtype=a.dtype)
-    out[: a.size] = a
-    return out
 
 
 def rounds(rows: np.ndarray) -> list[np.ndarray]:
@@ -75,7 +68,7 @@ class _Acc:
 
     def grow(self, size: int) -> None:
         for name, _, fill in self.FIELDS:
-            setattr(self, name, _grow(getattr(self, name), size, fill))
+            setattr(self, name, grown(getattr(self, name), size, fill))
 
 
 class _SeriesAcc(_Acc):
@@ -117,6 +110,8 @@ class _Columns:
     """What both kinds share: rows for the series routed to the rule, and open windows by
     start."""
 
+    _ACC: type[_Acc]
+
     def __init__(self, state: Any, meta: Callable[[int], Any], rule: str, number: int) -> None:
         self.state = state
         self.meta = meta  # slot -> the route cache's _Dynamic for the series
@@ -124,11 +119,11 @@ class _Columns:
         self.number = number  # in the route cache's list of columns
         self.row_of = np.full(1024, -1, dtype=np.int64)  # by slot
         self.slots: list[int] = []  # by row
-        self.windows: dict[int, Any] = {}  # window start -> accumulators
+        self.windows: dict[int, Any] = {}  # window start -> accumulators (an _ACC)
 
     def register(self, slot: int) -> int:
         """A series the route cache sends to this rule (its slot there); returns `number`."""
-        self.row_of = _grow(self.row_of, slot + 1, -1)
+        self.row_of = grown(self.row_of, slot + 1, -1)
         if self.row_of[slot] < 0:
             self.row_of[slot] = len(self.slots)
             self.slots.append(slot)
@@ -188,7 +183,7 @@ class _Columns:
         for start, at in self._by_window(starts):
             acc = self.windows.get(start)
             if acc is None:
-                acc = self.windows[start] = self._acc(size)
+                acc = self.windows[start] = self._ACC(size)
             acc.grow(size)
             inc = increases[at] if increases is not None else None
             self._fold(acc, rows[at], ts[at], values[at], inc, repeats)
@@ -200,9 +195,6 @@ class _Columns:
         return None
 
     def _size(self) -> int:
-        raise NotImplementedError
-
-    def _acc(self, size: int) -> _Acc:
         raise NotImplementedError
 
     def _fold(
@@ -231,15 +223,14 @@ class _Columns:
 class DownsampleColumns(_Columns):
     """A downsample rule's open windows as arrays by row."""
 
+    _ACC = _SeriesAcc
+
     def _late(self, starts: np.ndarray) -> np.ndarray:
         state = self.state
         return starts + state.interval_ms <= state._flushed_to
 
     def _size(self) -> int:
         return len(self.slots)
-
-    def _acc(self, size: int) -> _Acc:
-        return _SeriesAcc(size)
 
     def _fold(
         self,
@@ -319,6 +310,8 @@ class AggregateColumns(_Columns):
     """An aggregate rule's open windows as arrays by group; per series (row), the last value of
     a counter, for reset detection."""
 
+    _ACC = _GroupAcc
+
     def __init__(self, state: Any, meta: Callable[[int], Any], rule: str, number: int) -> None:
         super().__init__(state, meta, rule, number)
         self.group_of_row = np.zeros(64, dtype=np.int64)
@@ -343,10 +336,10 @@ class AggregateColumns(_Columns):
             no = self._group_no[gkey] = len(self.groups)
             self.groups.append(gkey)
             self._group_meta.append((dyn.name, glabels, dyn.counter))
-        self.group_of_row = _grow(self.group_of_row, row + 1, 0)
-        self.counter_row = _grow(self.counter_row, row + 1, False)
-        self.last_value = _grow(self.last_value, row + 1, math.nan)
-        self.last_seen = _grow(self.last_seen, row + 1, 0)
+        self.group_of_row = grown(self.group_of_row, row + 1, 0)
+        self.counter_row = grown(self.counter_row, row + 1, False)
+        self.last_value = grown(self.last_value, row + 1, math.nan)
+        self.last_seen = grown(self.last_seen, row + 1, 0)
         self.group_of_row[row] = no
         self.counter_row[row] = dyn.counter
         if dyn.counter:  # carried over from points added one by one, if any
@@ -372,9 +365,6 @@ class AggregateColumns(_Columns):
 
     def _size(self) -> int:
         return len(self.groups)
-
-    def _acc(self, size: int) -> _Acc:
-        return _GroupAcc(size)
 
     def _increases(
         self, rows: np.ndarray, values: np.ndarray, now_ms: int, repeats: bool
