@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from service._proto.governor.prw_views_pb2 import SeriesBytes
 from service._proto.prometheus import remote_pb2, types_pb2
 from service.codec import compression, prw
 from service.codec.errors import (
@@ -568,3 +569,19 @@ def test_snappy_concat_of_one_block_is_that_block() -> None:
     """A single block is passed through unchanged (same object, no copy)."""
     block = compression.compress(b"abc" * 100, "snappy")
     assert compression.snappy_concat([block], 300) is block
+
+
+@settings(max_examples=100)
+@given(req=_requests, long=st.integers(0, 3))
+def test_frame_is_the_protobuf_serialization(req: remote_pb2.WriteRequest, long: int) -> None:
+    """prw.frame builds a WriteRequest of serialized series and metadata byte for byte as
+    protobuf serializes it, for series of any length (past its table of 4096 lengths too)."""
+    big = types_pb2.TimeSeries(labels=[types_pb2.Label(name="a", value="v" * 5000)])
+    series = [ts.SerializeToString() for ts in req.timeseries] + [big.SerializeToString()] * long
+    metadata = [m.SerializeToString() for m in req.metadata]
+    framed = prw.frame(series, metadata)
+    assert framed == SeriesBytes(timeseries=series, metadata=metadata).SerializeToString()
+    assert prw.frame(series) == SeriesBytes(timeseries=series).SerializeToString()
+    decoded = remote_pb2.WriteRequest.FromString(framed)
+    assert [ts.SerializeToString() for ts in decoded.timeseries] == series
+    assert list(decoded.metadata) == list(req.metadata)

@@ -7,6 +7,8 @@ one client's malformed data can never reach a batch shared with other clients.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -19,6 +21,7 @@ from service._proto.governor.prw_views_pb2 import (
 )
 from service._proto.prometheus.remote_pb2 import WriteRequest
 from service._proto.prometheus.types_pb2 import TimeSeries
+from service.codec.compression import varint
 from service.codec.errors import BadProtobuf
 
 CONTENT_TYPE = "application/x-protobuf"
@@ -33,6 +36,7 @@ __all__ = [
     "count",
     "count_samples",
     "decode",
+    "frame",
     "split",
 ]
 
@@ -101,6 +105,30 @@ def count_samples(data: bytes, series: int) -> tuple[Counts, Any]:
         raise BadProtobuf("body is not a valid protobuf WriteRequest") from None
     samples = merged.samples
     return Counts(series, len(samples), len(merged.histograms)), samples
+
+
+# The tag and length that frame a series (WriteRequest field 1, length-delimited), by length,
+# for the lengths most series have. Metadata is field 3.
+_FRAMED = 4096
+_SERIES_HEADS = [b"\x0a" + varint(n) for n in range(_FRAMED)]
+_METADATA_TAG = b"\x1a"
+
+
+def frame(series: list[bytes], metadata: Sequence[bytes] = ()) -> bytes:
+    """A serialized WriteRequest of already-serialized series and metadata: what
+    SeriesBytes(timeseries=series, metadata=metadata).SerializeToString() gives, byte for byte,
+    in a few C-level passes (a protobuf serialization of many fields costs ~4 times as much).
+    """
+    lengths = list(map(len, series))
+    if lengths and max(lengths) < _FRAMED:
+        heads = list(map(_SERIES_HEADS.__getitem__, lengths))
+    else:
+        heads = [b"\x0a" + varint(n) for n in lengths]
+    parts: Iterable[bytes] = itertools.chain.from_iterable(zip(heads, series))
+    if metadata:
+        framed = ((_METADATA_TAG + varint(len(m)), m) for m in metadata)
+        parts = itertools.chain(parts, itertools.chain.from_iterable(framed))
+    return b"".join(parts)
 
 
 def split(data: bytes) -> tuple[bytes, bytes] | None:

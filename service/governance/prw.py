@@ -449,7 +449,7 @@ def _govern_cached(
     kept = len(out)
     if kept == n and not relabeled_any:
         return Governed(None, n, n, n, 0, 0, n, 0)  # all went on as they came (keep_input ...)
-    new = SeriesBytes(timeseries=out, metadata=src.metadata).SerializeToString()
+    new = prw_codec.frame(out, src.metadata)
     return Governed(new, kept, kept, kept, 0, n - kept, n, 0)
 
 
@@ -509,7 +509,7 @@ def _points_of(full: list[bytes], where: list[int], samples: Any) -> list[Any]:
     has them, else by merging those series so that their samples line up with them."""
     if samples is not None:
         return list(map(samples.__getitem__, where))
-    joined = SeriesBytes(timeseries=list(map(full.__getitem__, where))).SerializeToString()
+    joined = prw_codec.frame(list(map(full.__getitem__, where)))
     return list(MergedWriteRequest.FromString(joined).timeseries.samples)
 
 
@@ -745,4 +745,4 @@ def encode(emitted: list[Emitted]) -> tuple[bytes, int, int]:
         samples = TimeSeries(samples=[Sample(value=v, timestamp=t) for t, v in e.points])
         out.append(labels + samples.SerializeToString())
         points += len(e.points)
-    return SeriesBytes(timeseries=out).SerializeToString(), len(emitted), points
+    return prw_codec.frame(out), len(emitted), points

@@ -523,10 +523,10 @@ class Governance:
                 series = prw_gov.labels_wire(f.name, labels) + series[len(keys[i]) :]
             out.append(series)
         merged = MergedWriteRequest.FromString(
-            SeriesBytes(timeseries=[full[i] for i in d.drop]).SerializeToString()
+            prw_codec.frame([full[i] for i in d.drop])
         ).timeseries
         removed += len(merged.samples) + len(merged.histograms)
-        new = SeriesBytes(timeseries=out, metadata=src.metadata).SerializeToString()
+        new = prw_codec.frame(out, src.metadata)
         return new, removed
 
     # ---- OTLP --------------------------------------------------------------------------------
