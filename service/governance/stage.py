@@ -210,13 +210,20 @@ class Governance:
         """Validate a serialized WriteRequest (raises BadProtobuf) and govern it."""
         stats, limits = self.stats, self.limits if self.limits_active else None
         by_series = (stats is not None and stats.full) or limits is not None
-        keys = samples = None
+        keys = samples = framed = None
         if by_series or self.rules_active:
-            # Each series' labels, read first. The rest of the request is validated without
-            # them; the labels of series not seen before are checked where they are first read
-            # (the series' facts, a rule route), before anything is counted.
+            # Each series' labels, read first: in the usual request, the bytes of each series
+            # before its sample. The rest of the request is validated without them; the labels
+            # of series not seen before are checked where they are first read (the series'
+            # facts, a rule route), before anything is counted. A key found there to be more
+            # than labels (NotLabels) sends the request back to label_keys.
             try:
-                keys = prw_gov.label_keys(data)
+                full = list(SeriesBytes.FromString(data).timeseries)
+                keys = prw_gov.prefix_label_keys(data, full)
+                if keys is None:
+                    keys = prw_gov.label_keys(data)
+                else:
+                    framed = full  # the request is these series and nothing else
             except DecodeError:
                 raise BadProtobuf("body is not a valid protobuf WriteRequest") from None
             counts, samples = prw_codec.count_samples(data, len(keys))
@@ -241,10 +248,18 @@ class Governance:
             keys, hashes = keys_ids
             self._check_facts()
             try:
-                slots = self._slots_of(keys, hashes)
+                try:
+                    slots = self._slots_of(keys, hashes)
+                except prw_gov.NotLabels:
+                    keys, hashes = keys_ids = prw_gov.series_keys(data)
+                    framed = None
+                    slots = self._slots_of(keys, hashes)
             except DecodeError:  # a new series' labels
                 raise BadProtobuf("body is not a valid protobuf WriteRequest") from None
-            points = None if single else _points_per_series(data)
+            # Every series its labels and one sample: proven by keys taken before a sample
+            # that are all labels (a request of as many samples as series may have two in one
+            # series and none in another).
+            points = None if framed is not None else _points_per_series(data)
             if stats is not None:
                 self._count_prw(stats, slots, hashes, points, now_s)
             if limits is not None:
@@ -258,12 +273,16 @@ class Governance:
         if changed is not None:
             data = changed
             counts_after = prw_codec.count(data)
-            keys_ids = samples = None
+            keys_ids = samples = framed = None
         else:
             counts_after = counts
         if self.rules_active:
             assert self.engine is not None
-            g = prw_gov.govern(self.engine, data, counts_after, keys_ids, samples)
+            try:
+                g = prw_gov.govern(self.engine, data, counts_after, keys_ids, samples, framed)
+            except prw_gov.NotLabels:
+                keys_ids = prw_gov.series_keys(data)
+                g = prw_gov.govern(self.engine, data, counts_after, keys_ids, samples)
             if changed is not None and g.data is None:
                 g = attrs.evolve(g, data=data)
             return attrs.evolve(
@@ -383,7 +402,10 @@ class Governance:
 
     def _new_facts_prw(self, key: bytes) -> Facts:
         """A series' facts from its serialized labels. Each label's bytes recur across series
-        (a job, a namespace): they are read once, then found by those bytes."""
+        (a job, a namespace): they are read once, then found by those bytes. Raises NotLabels
+        for a key that is not only labels (see prw_gov.prefix_label_keys), DecodeError for
+        labels that do not parse."""
+        prw_gov.check_labels(key)
         entries = LabelsOnlySeries.FromString(key).labels
         known = list(map(self._label_pairs.get, entries))
         if None in known:

@@ -1,0 +1,235 @@
+"""A remote-write series' labels are taken as its bytes before its sample (prefix_label_keys)
+when every series of a request is its labels followed by one sample, which is what Prometheus
+and vmagent send; any other request gets label_keys, a labels-only parse. A prefix key that is
+not only labels (a label whose value ends like a sample's field, two samples in one series) is
+caught the first time it is seen (check_labels raises NotLabels), and then the request is read
+by label_keys instead: what governance counts, routes and forwards is the same either way."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service._proto.governor.prw_views_pb2 import SeriesBytes
+from service._proto.prometheus.remote_pb2 import WriteRequest
+from service._proto.prometheus.types_pb2 import (
+    Exemplar,
+    Histogram,
+    Label,
+    MetricMetadata,
+    Sample,
+    TimeSeries,
+)
+from service.config import StatsConfig
+from service.governance import prw
+from service.governance.engine import RuleEngine
+from service.governance.rules import load_rules
+from service.governance.stage import Governance
+from service.governance.stats import Stats
+
+T0_MS = 1_700_000_000_000
+
+_text = st.text(st.characters(codec="utf-8"), max_size=8)
+_long_text = st.one_of(_text, st.integers(120, 20_000).map(lambda n: "v" * n))
+_labels = st.lists(st.builds(Label, name=_text, value=_long_text), max_size=4)
+_sample = st.builds(
+    Sample,
+    value=st.one_of(st.just(0.0), st.just(-0.0), st.floats(allow_nan=True)),
+    timestamp=st.one_of(st.just(0), st.integers(-(2**63), 2**63 - 1), st.just(T0_MS)),
+)
+
+
+def full_of(data: bytes) -> list[bytes]:
+    return list(SeriesBytes.FromString(data).timeseries)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(_labels, _sample), max_size=8))
+def test_a_request_of_one_sample_per_series_gets_its_label_keys(
+    items: list[tuple[list[Label], Sample]],
+) -> None:
+    """For any request whose every series is its labels then one sample (any value, any
+    timestamp, labels of any length), prefix_label_keys gives label_keys' keys, and each
+    passes check_labels. An empty request gets None."""
+    data = WriteRequest(
+        timeseries=[TimeSeries(labels=labels, samples=[s]) for labels, s in items]
+    ).SerializeToString()
+    keys = prw.prefix_label_keys(data, full_of(data))
+    if not items:
+        assert keys is None
+        return
+    assert keys == prw.label_keys(data)
+    for key in keys:
+        prw.check_labels(key)
+
+
+_series = st.builds(
+    TimeSeries,
+    labels=_labels,
+    samples=st.lists(_sample, max_size=3),
+    exemplars=st.lists(st.builds(Exemplar, value=st.floats(allow_nan=False)), max_size=1),
+    histograms=st.lists(st.builds(Histogram, count_int=st.integers(0, 9)), max_size=1),
+)
+_tails = st.sampled_from([b"", b"\x12\x00", b"\x12\x02\x10\x01", b"\x12\x09\x09" + bytes(8)])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(_series, _tails), max_size=6),
+    st.lists(st.builds(MetricMetadata, help=_text), max_size=1),
+)
+def test_a_prefix_key_is_the_label_key_or_is_caught(
+    items: list[tuple[TimeSeries, bytes]], metadata: list[MetricMetadata]
+) -> None:
+    """For any request (several samples, exemplars, histograms, metadata, and last label
+    values that end like a sample's field), prefix_label_keys gives None, or keys each of
+    which is the series' label key or fails check_labels; so when all of them pass, they are
+    label_keys' keys."""
+    timeseries = []
+    for ts, tail in items:
+        ts = TimeSeries.FromString(ts.SerializeToString())
+        if ts.labels and tail:
+            ts.labels[-1].value += tail.decode()
+        timeseries.append(ts)
+    data = WriteRequest(timeseries=timeseries, metadata=metadata).SerializeToString()
+    keys = prw.prefix_label_keys(data, full_of(data))
+    if keys is None:
+        return
+    exact = prw.label_keys(data)
+    for key, want in zip(keys, exact, strict=True):
+        try:
+            prw.check_labels(key)
+        except prw.NotLabels:
+            assert key != want
+        else:
+            assert key == want
+
+
+def test_requests_of_other_shapes_get_none() -> None:
+    """Metadata, an exemplar or a histogram after the sample, a length written in more bytes
+    than it needs, or no series: no prefix keys. Two samples: a key that check_labels
+    refuses (it holds the first sample)."""
+    labels = [Label(name="__name__", value="up")]
+    one = Sample(value=1.0, timestamp=T0_MS)
+    plain = WriteRequest(timeseries=[TimeSeries(labels=labels, samples=[one])])
+    shapes = {
+        "metadata": WriteRequest(timeseries=plain.timeseries, metadata=[MetricMetadata(help="h")]),
+        "an exemplar": WriteRequest(
+            timeseries=[TimeSeries(labels=labels, samples=[one], exemplars=[Exemplar(value=1)])]
+        ),
+        "a histogram": WriteRequest(
+            timeseries=[TimeSeries(labels=labels, histograms=[Histogram(count_int=1)])]
+        ),
+        "no series": WriteRequest(),
+    }
+    for shape, req in shapes.items():
+        data = req.SerializeToString()
+        assert prw.prefix_label_keys(data, full_of(data)) is None, shape
+    two = WriteRequest(timeseries=[TimeSeries(labels=labels, samples=[one, one])])
+    data = two.SerializeToString()
+    keys = prw.prefix_label_keys(data, full_of(data))
+    assert keys is not None
+    with pytest.raises(prw.NotLabels):
+        prw.check_labels(keys[0])
+    body = plain.timeseries[0].SerializeToString()
+    padded = b"\x0a" + bytes([0x80 | len(body), 0x00]) + body  # the length in two bytes
+    assert prw.label_keys(padded) == [body[: -len(one.SerializeToString()) - 2]]
+    assert prw.prefix_label_keys(padded, full_of(padded)) is None
+
+
+# ---- a request built to be misread -----------------------------------------------------------
+
+RULES = """
+rules:
+  - name: tag
+    match: {name: "a"}
+    action: transform
+    transform:
+      - {op: set, label: team, value: web}
+  - name: avg
+    match: {name: "b"}
+    action: downsample
+    downsample: {interval: 60s, method: avg}
+"""
+
+
+def misleading() -> bytes:
+    """Series `a` with no sample and a last label value that ends like a one-sample field
+    (0x12, length 0), then series `b` with two samples: as many samples as series, and each
+    series ends with bytes a sample's field could have."""
+    a = TimeSeries(labels=[Label(name="__name__", value="a"), Label(name="v", value="x\x12\x00")])
+    b = TimeSeries(
+        labels=[Label(name="__name__", value="b")],
+        samples=[Sample(value=1.0, timestamp=T0_MS), Sample(value=3.0, timestamp=T0_MS + 1)],
+    )
+    return WriteRequest(timeseries=[a, b]).SerializeToString()
+
+
+def engine(now: list[int]) -> RuleEngine:
+    return RuleEngine(
+        load_rules(RULES), pipeline="prw", clock_ms=lambda: now[0], rand=random.Random(1).random
+    )
+
+
+def test_the_misleading_request_is_caught_by_check_labels() -> None:
+    """Its prefix keys exist, and neither is its series' label key: both fail check_labels."""
+    data = misleading()
+    keys = prw.prefix_label_keys(data, full_of(data))
+    assert keys is not None
+    assert keys != prw.label_keys(data)
+    for key in keys:
+        with pytest.raises(prw.NotLabels):
+            prw.check_labels(key)
+
+
+@pytest.mark.parametrize("with_stats", [False, True], ids=["rules", "rules and full stats"])
+def test_the_misleading_request_is_governed_as_its_series_are(with_stats: bool) -> None:
+    """Through governance, the misleading request comes out as per-series evaluation makes it
+    (`b`'s two samples go into one window, `a` has no datapoint to forward), and full stats
+    count `a` with no datapoint and `b` with two."""
+    now = [T0_MS]
+    stats = Stats(StatsConfig(level="full"), pipeline="prw") if with_stats else None
+    g = Governance(pipeline="prw", engine=engine(now), stats=stats, clock_ms=lambda: now[0])
+    reference = engine(now)
+    data = misleading()
+    out = g.prw(data)
+    want = prw.govern_each(reference, data)
+    assert out == want
+    assert out.data is not None and not WriteRequest.FromString(out.data).timeseries
+    assert (out.series, out.samples, out.removed, out.in_samples) == (0, 0, 2, 2)
+    now[0] += 120_000
+    window_end = (T0_MS // 60_000 + 1) * 60_000
+    assert [(e.name, e.points) for e in g.engine.due()] == [("b", [(window_end, 2.0)])]
+    assert [(e.name, e.points) for e in reference.due()] == [("b", [(window_end, 2.0)])]
+    if stats is not None:
+        assert {n: c.total for n, c in stats.metrics.items()} == {"a": 0, "b": 2}
+        assert {n: c.series() for n, c in stats.metrics.items()} == {"a": 1, "b": 1}
+
+
+def test_keys_found_to_be_labels_stay_known() -> None:
+    """After a normal request, the same series sent again are found by their prefix keys: the
+    route cache does not grow, and the keys are label_keys' keys."""
+    now = [T0_MS]
+    g = Governance(pipeline="prw", engine=engine(now), clock_ms=lambda: now[0])
+
+    def req(t: int) -> bytes:
+        return WriteRequest(
+            timeseries=[
+                TimeSeries(
+                    labels=[Label(name="__name__", value=n), Label(name="i", value=str(i))],
+                    samples=[Sample(value=float(i), timestamp=t)],
+                )
+                for n in ("a", "b", "c")
+                for i in range(3)
+            ]
+        ).SerializeToString()
+
+    g.prw(req(T0_MS))
+    cached = len(g.engine.route_cache)
+    data = req(T0_MS + 1000)
+    assert prw.prefix_label_keys(data, full_of(data)) == prw.label_keys(data)
+    g.prw(data)
+    assert len(g.engine.route_cache) == cached == 9
