@@ -1,5 +1,5 @@
-"""Remote-write requests are validated whole whatever governance runs. With stats by series,
-limits or rules, a request's labels are read first and the rest is validated without them; the
+"""Remote-write requests are validated whole whatever governance runs. With stats, limits or
+rules, a request's labels are read first and the rest is validated without them; the
 labels of a series not seen before are checked when they are first read. So a series is never
 counted, routed or forwarded with labels or samples that a WriteRequest parse refuses."""
 
@@ -70,6 +70,8 @@ def governance(kind: str) -> Governance:
         )
     if kind in ("full stats", "all"):
         stats = Stats(StatsConfig(level="full"), pipeline="prw")
+    if kind == "basic stats":
+        stats = Stats(StatsConfig(level="basic"), pipeline="prw")
     if kind in ("limits", "all"):
         limits = LimitEngine(load_limits(textwrap.dedent(LIMITS)), pipeline="prw")
     return Governance(pipeline="prw", engine=engine, stats=stats, limits=limits, clock_ms=clock)
@@ -85,7 +87,7 @@ def counted(g: Governance) -> tuple[object, ...]:
     )
 
 
-KINDS = ["rules", "full stats", "limits", "all"]
+KINDS = ["rules", "basic stats", "full stats", "limits", "all"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

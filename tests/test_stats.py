@@ -39,6 +39,7 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from service._proto.governor.prw_views_pb2 import SeriesBytes
 from service._proto.prometheus.remote_pb2 import WriteRequest
 from service._proto.prometheus.types_pb2 import BucketSpan, Label, Sample, TimeSeries
 from service._proto.prometheus.types_pb2 import Histogram as NativeHistogram
@@ -46,9 +47,10 @@ from service.app import Addresses, App
 from service.codec import otlp as otlp_codec
 from service.codec.errors import BadProtobuf
 from service.config import StatsConfig, config_from_dict
+from service.governance import prw
 from service.governance.activity import StatsCollector
 from service.governance.cardinality import hash_many
-from service.governance.stage import _NAME_RE, Governance
+from service.governance.stage import Governance
 from service.governance.stats import OTHER, Stats
 from service.receivers.http import hypercorn_config, lifespan, read_body, serve_http
 from service.telemetry.health import Health
@@ -107,12 +109,17 @@ def pods(name: str, n: int, **labels: str) -> list[TimeSeries]:
     return [series(name, pod=f"pod-{i}", **labels) for i in range(n)]
 
 
-def takes_the_regex_path(data: bytes) -> bool:
-    """Whether basic stats count `data` by `_NAME_RE` (the stage's condition for it: every
-    series has one float sample and the regex finds exactly one name per series)."""
-    req = WriteRequest.FromString(data)
-    single = all(len(ts.samples) == 1 and not ts.histograms for ts in req.timeseries)
-    return single and len(_NAME_RE.findall(data)) == len(req.timeseries)
+def one_sample_each(data: bytes) -> bool:
+    """Whether the stats count `data` as one datapoint a series without parsing it: every
+    series is its labels then one sample, as its keys taken before its sample show (they
+    exist, and each is only labels)."""
+    keys = prw.prefix_label_keys(data, list(SeriesBytes.FromString(data).timeseries))
+    try:
+        for key in keys or ():
+            prw.check_labels(key)
+    except prw.NotLabels:
+        return False
+    return keys is not None
 
 
 # ---- OTLP data --------------------------------------------------------------------------------
@@ -237,11 +244,11 @@ def test_basic_counts_each_sample_of_a_multi_sample_series() -> None:
 
 @attrs.frozen
 class Shape:
-    """A request shape: its series, whether basic stats take the regex path for it, and the
-    datapoints per name the stats must count."""
+    """A request shape: its series, whether the stats count it without parsing it (one sample
+    a series), and the datapoints per name the stats must count."""
 
     timeseries: Sequence[TimeSeries]
-    regex_path: bool
+    one_sample_each: bool
     expected: dict[str, int]
 
 
@@ -268,10 +275,10 @@ SHAPES = {
         {"latency_seconds": 2, "up": 1},
     ),
     "a name longer than 127 bytes": Shape(
-        [series(_LONG_NAME, pod="a"), series("up", pod="a")], False, {_LONG_NAME: 1, "up": 1}
+        [series(_LONG_NAME, pod="a"), series("up", pod="a")], True, {_LONG_NAME: 1, "up": 1}
     ),
     "a series without a name": Shape(
-        [series(None, pod="a"), series("up", pod="a")], False, {"": 1, "up": 1}
+        [series(None, pod="a"), series("up", pod="a")], True, {"": 1, "up": 1}
     ),
     "UTF-8 metric names (Prometheus 3)": Shape(
         [
@@ -286,12 +293,12 @@ SHAPES = {
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-def test_basic_regex_path_and_full_parse_count_the_same(shape: Shape) -> None:
-    """Basic stats read metric names with a regex over the bytes when every series has one
-    float sample, and parse the request otherwise; either way the datapoints per name are
-    exactly what the request holds, the same as full stats (which always parse) count."""
+def test_basic_and_full_count_what_the_request_holds_in_any_shape(shape: Shape) -> None:
+    """Stats count one datapoint a series without parsing the request when every series is
+    its labels then one sample, and parse it otherwise; either way the datapoints per name are
+    exactly what the request holds, at the basic level and the full one alike."""
     data = write_request(*shape.timeseries)
-    assert takes_the_regex_path(data) is shape.regex_path  # the shape covers the path it names
+    assert one_sample_each(data) is shape.one_sample_each  # the shape covers the path it names
     basic, full = governed(level="basic"), governed(level="full")
     for g in (basic, full):
         g.gov.prw(data, "")
@@ -302,15 +309,15 @@ def test_basic_regex_path_and_full_parse_count_the_same(shape: Shape) -> None:
     assert datapoints_of(full.stats) == twice
 
 
-def test_basic_regex_path_and_full_parse_agree_on_the_same_series() -> None:
-    """The same series sent once as single-sample requests (regex path) and once with two
-    samples per series (full parse) end up under the same names, with one datapoint per
+def test_one_sample_a_series_and_a_full_parse_agree_on_the_same_series() -> None:
+    """The same series sent once as single-sample requests (counted without a parse) and once
+    with two samples per series (parsed) end up under the same names, with one datapoint per
     sample."""
     names = ["http_requests_total", "node_cpu_seconds_total", "up", "build_info"]
     one = [series(n, pod=f"p{i}") for i, n in enumerate(names)]
     two = [series(n, samples=2, pod=f"p{i}") for i, n in enumerate(names)]
-    assert takes_the_regex_path(write_request(*one))
-    assert not takes_the_regex_path(write_request(*two))
+    assert one_sample_each(write_request(*one))
+    assert not one_sample_each(write_request(*two))
     by_regex, by_parse = governed(level="basic"), governed(level="basic")
     by_regex.prw(*one)
     by_regex.prw(*one)

@@ -17,7 +17,6 @@ import bisect
 import collections
 import itertools
 import operator
-import re
 from array import array
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar, cast
@@ -33,6 +32,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 from service._proto.governor.prw_views_pb2 import (
+    LabelsOnlyLabels,
     LabelsOnlySeries,
     MergedWriteRequest,
     SeriesBytes,
@@ -57,13 +57,6 @@ K = TypeVar("K")
 
 NAME = "__name__"
 _COUNTER_SUFFIXES = ("_total", "_count", "_sum", "_bucket")
-# The metric name of each series, straight from the bytes, with its length byte: a `__name__`
-# label entry (matched from the label name on, without the entry's tag and length bytes: ~15 %
-# faster on bench/workload.py's requests, as `re` stops less often). Only trusted when it finds
-# exactly one per series, and every name found is as long as its length byte says (a name
-# with other characters, Prometheus 3's UTF-8 names, would be cut short; then the request is
-# parsed).
-_NAME_RE = re.compile(rb"__name__\x12([\x01-\x7f][a-zA-Z_:][a-zA-Z0-9_:]*)")
 _INTERN_MAX = 1_000_000
 _HELD_MAX = 256  # requests whose series' states are held before they are counted anyway
 _WINDOW_BITS = 0xFFFFFFFF  # Facts.state's low bits: a window index, modulo 2^32
@@ -126,7 +119,10 @@ class Governance:
         self._strings: dict[str, str] = {}
         self._pairs: dict[tuple[str, str], tuple[str, str]] = {}
         self._label_pairs: dict[bytes, tuple[str, str]] = {}  # a Label's bytes -> its pair
-        self._facts_labels: tuple[str, ...] = ()
+        # What the facts were worked out for: the stats labels, and whether remote-write
+        # series' facts are their name only (basic stats without limits; see _named_facts).
+        self._facts_mode: tuple[tuple[str, ...], bool] = ((), False)
+        self._named: dict[str, Facts] = {}  # name -> the Facts its series share then
         self._kinds = _Kinds()  # what a Facts.state counts under
         self._marks: dict[int, int] = {}  # kind id -> its state in the window of _mark
         self._mark = -1
@@ -155,11 +151,14 @@ class Governance:
         return self.limits.tenancy.header if self.limits_active else ""
 
     def _check_facts(self) -> None:
-        """Facts hold the stats labels' values: forget them if those labels changed."""
-        labels = self.stats.labels if self.stats is not None else ()
-        if labels != self._facts_labels or len(self._kinds) >= _INTERN_MAX:
+        """Facts hold the stats labels' values, and remote-write series' facts hold only their
+        name while basic stats alone need them: forget them if either changed."""
+        stats = self.stats
+        labels = stats.labels if stats is not None else ()
+        names_only = stats is not None and not stats.full and not self.limits_active
+        if (labels, names_only) != self._facts_mode or len(self._kinds) >= _INTERN_MAX:
             self._forget_facts()
-            self._facts_labels = labels
+            self._facts_mode = (labels, names_only)
 
     @property
     def series_cached(self) -> int:
@@ -171,6 +170,7 @@ class Governance:
         self.facts.clear()
         self._index = SeriesIndex()
         self._slot_facts.clear()
+        self._named.clear()
         self._kinds = _Kinds()
         self._marks.clear()
 
@@ -209,7 +209,7 @@ class Governance:
     def prw(self, data: bytes, tenant: str = "") -> prw_gov.Governed:
         """Validate a serialized WriteRequest (raises BadProtobuf) and govern it."""
         stats, limits = self.stats, self.limits if self.limits_active else None
-        by_series = (stats is not None and stats.full) or limits is not None
+        by_series = stats is not None or limits is not None
         keys = samples = framed = None
         if by_series or self.rules_active:
             # Each series' labels, read first: in the usual request, the bytes of each series
@@ -231,18 +231,9 @@ class Governance:
         else:
             counts = prw_codec.count(data)
             keys_ids = None
-        single = not counts.histograms and counts.samples == counts.series
         now_s = self.clock_ms() / 1000
         removed = 0
         changed = None
-        if stats is not None and not stats.full:
-            names = _NAME_RE.findall(data) if single else None
-            per_name = None
-            if names is not None and len(names) == counts.series:
-                found = collections.Counter(names)  # counted as bytes, in C
-                if all(k[0] == len(k) - 1 for k in found):
-                    per_name = {k[1:].decode(): n for k, n in found.items()}
-            stats.add_datapoints(per_name or _points_per_name(data), now_s)
         if by_series:
             assert keys_ids is not None
             keys, hashes = keys_ids
@@ -406,6 +397,8 @@ class Governance:
         for a key that is not only labels (see prw_gov.prefix_label_keys), DecodeError for
         labels that do not parse."""
         prw_gov.check_labels(key)
+        if self._facts_mode[1]:
+            return self._named_facts(key)
         entries = LabelsOnlySeries.FromString(key).labels
         known = list(map(self._label_pairs.get, entries))
         if None in known:
@@ -418,6 +411,21 @@ class Governance:
             else:
                 pairs.append(pair)
         return self._new_facts(name, tuple(sorted(pairs)))
+
+    def _named_facts(self, key: bytes) -> Facts:
+        """A series' facts when basic stats alone need them: it counts under its name, and
+        the series of a name share one Facts, so a series costs the cache a slot and a
+        pointer (~40 bytes) instead of its labels."""
+        name = ""
+        for lb in LabelsOnlyLabels.FromString(key).labels:  # parsing validates every label
+            if lb.name == NAME:
+                name = lb.value
+        f = self._named.get(name)
+        if f is None:
+            name = self._intern(name)
+            kid = self._kinds.id_of(name, None)
+            f = self._named[name] = Facts(name, (), None, self._kinds.unseen[kid])
+        return f
 
     def _label_pair(self, entry: bytes) -> tuple[str, str]:
         if len(self._label_pairs) >= _INTERN_MAX:
@@ -849,12 +857,3 @@ def _points_per_series(data: bytes) -> list[int]:
     except Exception:
         raise BadProtobuf("body is not a valid protobuf WriteRequest") from None
     return [len(ts.samples) + len(ts.histograms) for ts in req.timeseries]
-
-
-def _points_per_name(data: bytes) -> dict[str, int]:
-    req = WriteRequest.FromString(data)
-    per: dict[str, int] = {}
-    for ts in req.timeseries:
-        name = prw_gov.series_name(ts)
-        per[name] = per.get(name, 0) + len(ts.samples) + len(ts.histograms)
-    return per
