@@ -9,7 +9,6 @@ it.
 
 from __future__ import annotations
 
-import itertools
 import math
 import operator
 from typing import Any
@@ -539,10 +538,9 @@ def _splice(
     """Series `at` (their slots; each starts with its labels) with the labels the rules leave
     them, onto `out`: the new labels + the series' bytes after its labels, spliced in C."""
     where = at.tolist()
-    whole = map(full.__getitem__, where)
-    starts = map(slice, map(len, map(keys.__getitem__, where)), _NONES)
+    after = map(bytes.removeprefix, map(full.__getitem__, where), map(keys.__getitem__, where))
     new_labels = map(_RELABELED_OF, map(cached.__getitem__, slots.tolist()))
-    out += map(operator.add, new_labels, map(bytes.__getitem__, whole, starts))
+    out += map(operator.add, new_labels, after)
 
 
 def _sampled(
@@ -665,7 +663,6 @@ _DISPOSITIONS = np.arange(SAMPLED + 2)
 _VALUE_OF = operator.attrgetter("value")
 _TIMESTAMP_OF = operator.attrgetter("timestamp")
 _RELABELED_OF = operator.attrgetter("relabeled")
-_NONES = itertools.repeat(None)
 
 
 def _count_routes(
