@@ -44,8 +44,9 @@ rendering the requests is not. Figures are samples per CPU-second.
    so every tracker is an exact set), and workload.py's 8 names. Each in a fresh process:
    tracemalloc's retained bytes, the RSS growth (another fresh process, without tracemalloc) and
    `Stats.memory_bytes()`. Then, apart, the facts cache that Governance keeps per distinct series
-   for full stats and limits (its series index, the Facts and interned strings): tracemalloc's
-   retained bytes after one pass over `--facts-series` workload.py series.
+   for full stats and limits (its series index, the Facts and interned strings), and for basic
+   stats alone (the index and one shared Facts per name): tracemalloc's retained bytes after one
+   pass over `--facts-series` workload.py series.
 
 Prints figures; asserts nothing. The code measured (the imported `service` package, its sources'
 sha256 as bench/e2e_prw.py computes it, and HEAD when it is this checkout) is printed first.
@@ -591,11 +592,12 @@ def _in_subprocess(case: str, **kw: Any) -> dict[str, Any]:
     return json.loads(done.stdout)
 
 
-def facts_memory(n: int) -> dict[str, Any]:
-    """Governance's per-series facts for `n` workload.py series, one pass, under tracemalloc."""
+def facts_memory(n: int, level: str = "full") -> dict[str, Any]:
+    """Governance's per-series facts for `n` workload.py series with stats at `level`, one
+    pass, under tracemalloc."""
     pool = big_pool(n)
     clock = Clock()
-    stats = Stats(StatsConfig(level="full", window_s=WINDOW_S), pipeline="prw")
+    stats = Stats(StatsConfig(level=level, window_s=WINDOW_S), pipeline="prw")
     gov = Governance(pipeline="prw", stats=stats, clock_ms=clock)
 
     def run() -> None:
@@ -653,6 +655,12 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
     )
     for path, size in f["by_file"]:
         print(f"    {size / MB:8.1f} MB  {path}")
+    b = facts_memory(args.facts_series, "basic")
+    print(
+        f"  Governance facts cache (basic stats alone: the name only), {b['series']:,} series,"
+        f" one pass: {b['tracemalloc_bytes'] / MB:.0f} MB retained, {b['bytes_per_series']:.0f}"
+        " bytes per series"
+    )
     print("  target: 1M tracked series in under 50 MB:")
     for t in rows:
         mb = t["tracemalloc_bytes"] / MB * 1e6 / t["series"]
@@ -662,7 +670,7 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
             f" with the facts cache {with_facts:6.1f} MB"
             f" -> {'met' if with_facts < 50 else 'NOT met'}"
         )
-    return {"series": n, "labels": labels, "distributions": rows, "facts": f}
+    return {"series": n, "labels": labels, "distributions": rows, "facts": f, "basic_facts": b}
 
 
 # ---- main -------------------------------------------------------------------------------------

@@ -78,13 +78,11 @@ def govern(
     framed: list[bytes] | None = None,
 ) -> Governed:
     """Validate a serialized WriteRequest (raises BadProtobuf) and run the rules over it.
-    `counts` (prw_codec.count) and `series` (`series_keys`: label bytes and hashes) when the
-    caller has them already, for the same `data`; or `counts` and `samples` from
-    prw_codec.count_samples, with `series`: then the labels of series new to the route cache
-    are validated here, before anything is counted (and if `series` came from
-    `prefix_label_keys`, NotLabels is raised, before anything is counted, when one of them is
-    not only labels: the caller then gives `label_keys`). `framed`: each series' bytes, when
-    the request is made of series only (no metadata).
+    `counts` (prw_codec.count) and `series` (label bytes and their hashes) when the caller has
+    them already, for the same `data`; or `counts` and `samples` from prw_codec.count_samples,
+    with `series`: then the labels of series new to the route cache are validated here, before
+    anything is counted. `framed`: each series' bytes, when `series` are their keys from
+    `prefix_label_keys`; without `series`, they are taken that way here when they can be.
 
     Requests of single-sample float series (what Prometheus sends) take the cached path: each
     distinct series' route through the rules is decided once and found again by its serialized
@@ -93,8 +91,16 @@ def govern(
     if counts is None:
         counts = prw_codec.count(data)
     if not counts.histograms and counts.samples == counts.series:
+        if series is None:
+            full = list(SeriesBytes.FromString(data).timeseries)
+            keys = prefix_label_keys(data, full)
+            if keys is not None:
+                series, framed = (keys, hash_array(keys)), full
         try:
-            governed = _govern_cached(engine, data, counts, series, samples, framed)
+            try:
+                governed = _govern_cached(engine, data, counts, series, samples, framed)
+            except NotLabels:  # a key taken before a sample is more than labels
+                governed = _govern_cached(engine, data, counts, series_keys(data), samples)
         except _PBDecodeError:  # a new series' labels
             raise BadProtobuf("body is not a valid protobuf WriteRequest") from None
         if governed is not None:

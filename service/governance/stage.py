@@ -269,11 +269,7 @@ class Governance:
             counts_after = counts
         if self.rules_active:
             assert self.engine is not None
-            try:
-                g = prw_gov.govern(self.engine, data, counts_after, keys_ids, samples, framed)
-            except prw_gov.NotLabels:
-                keys_ids = prw_gov.series_keys(data)
-                g = prw_gov.govern(self.engine, data, counts_after, keys_ids, samples)
+            g = prw_gov.govern(self.engine, data, counts_after, keys_ids, samples, framed)
             if changed is not None and g.data is None:
                 g = attrs.evolve(g, data=data)
             return attrs.evolve(
