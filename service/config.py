@@ -343,7 +343,7 @@ class LimitsConfig:
     # Count and log everything as if enforced, drop nothing (overrides every rule's dry_run).
     dry_run: bool = False
     # Distinct series whose facts (name, labels, groups, admission) are remembered for stats
-    # and limits (0.3-0.6 KB each, ~40 bytes for basic stats alone on remote write, per
+    # and limits (0.3-0.6 KB each, ~50 bytes for basic stats alone on remote write, per
     # pipeline); past it the memory starts again. Size it to the active series.
     series_cache: int = attrs.field(default=1_000_000, validator=_positive)
 

@@ -258,7 +258,7 @@ DESCRIPTIONS: dict[str, str] = {
     "and top label values, for `/metrics` and `/api/v1/cardinality` (docs/limits.md). Counted "
     "before limits and rules, on both pipelines.",
     "stats.level": "`none`: no stats. `basic`: datapoints per metric name (cheap; on remote "
-    "write about 40 bytes per active series, see `limits.series_cache`). `full`: "
+    "write about 50 bytes per active series, see `limits.series_cache`). `full`: "
     "also active series per metric, the most common values of each label, and series and "
     "datapoints per combination of `labels`; costs CPU and memory per series (docs/limits.md, "
     "*Stats*).",
@@ -292,7 +292,7 @@ DESCRIPTIONS: dict[str, str] = {
     "limits.series_cache": "Distinct series whose facts (name, labels, stats group, which "
     "limits apply) are remembered, so a series seen before is not worked out again. Used with "
     "stats or a limits file, per pipeline. About 0.3 to 0.6 KB per series (more with many "
-    "labels unique to the series), ~40 bytes with basic stats alone on remote write (only the "
+    "labels unique to the series), ~50 bytes with basic stats alone on remote write (only the "
     "name is kept); when full it forgets its older half and logs a warning. Size it to the "
     "number of active series.",
 }

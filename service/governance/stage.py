@@ -411,7 +411,7 @@ class Governance:
     def _named_facts(self, key: bytes) -> Facts:
         """A series' facts when basic stats alone need them: it counts under its name, and
         the series of a name share one Facts, so a series costs the cache a slot and a
-        pointer (~40 bytes) instead of its labels."""
+        pointer (~50 bytes) instead of its labels."""
         name = ""
         for lb in LabelsOnlyLabels.FromString(key).labels:  # parsing validates every label
             if lb.name == NAME:
