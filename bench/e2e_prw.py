@@ -22,6 +22,12 @@ Profiling costs governor ~30 % more CPU: its figures are marked. Use --pin with 
 time spent waiting for a CPU as busy, and without pinning the load generator, woken by each
 response, preempts governor often enough to skew the profile.
 
+--compare-tree DIR measures every governor variant a second time with the code of another
+checkout (a `git worktree add` of an older commit, say), in the same runs and in turn with this
+one's, labelled `governor@<its HEAD>`; the ratios this checkout / that one are printed per run.
+Two code versions measured in separate invocations minutes apart differ by the machine's drift
+as much as by the change.
+
 Other knobs: --targets governor|vmagent, --series-per-request, --connections, --pin (proxy alone
 on the last CPU), --governor-env KEY=VALUE (experiments, e.g. GLIBC_TUNABLES),
 --max-concurrent-requests (governor's prw.receiver.max_concurrent_requests).
@@ -66,6 +72,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH] + [str
 import argparse
 import collections
 import contextlib
+import copy
 import datetime
 import itertools
 import json
@@ -493,7 +500,7 @@ def run_load(variant: Variant, args: argparse.Namespace, run: int, procs: Procs,
             [PYTHON, "-m", "service", "--config", str(cfg)],
             tmp / "governor.log",
             proxy=True,
-            cwd=ROOT,
+            cwd=variant.tree or ROOT,  # `-m service` finds the package in its working directory
             env={**os.environ, **dict(e.split("=", 1) for e in args.governor_env)},
         )
         tel = f"http://127.0.0.1:{tel_port}"
@@ -733,12 +740,21 @@ class Variant:
     ) -> None:
         self.target, self.queue, self.durable, self.rules = target, queue, durable, rules
         self.stats_level, self.stats_labels, self.limits = stats_level, stats_labels, limits
+        self.tree: Path | None = None  # governor's code from another checkout (--compare-tree)
         self.label = target
         if target == "governor" and (queue != "memory" or durable):
             self.label = f"governor/{queue}" + ("+durable" if durable else "")
         # The label's suffix naming the stats level or limits ("" for neither).
         self.suffix = f"+stats-{stats_level}" if stats_level != "none" else ""
         self.suffix += "+limits" if limits is not None else ""
+
+    def at_tree(self, tree: Path, tag: str) -> Variant:
+        """The same measurement with governor run from the checkout `tree`, labelled
+        `governor@<tag>...`."""
+        other = copy.copy(self)
+        other.tree = tree
+        other.label = self.label.replace("governor", f"governor@{tag}", 1)
+        return other
 
     def governance_cfg(self) -> str:
         """The `stats:` and `limits:` sections of governor's config ("" when neither is set)."""
@@ -966,6 +982,28 @@ def report(results: list[dict], args: argparse.Namespace, labels: list[str]) -> 
         if per_run:
             rules_ratios[gl]["per_run_" + key] = per_run
             print(f"  {'accepted samples per CPU-second, per run':46s} {per_run}")
+    tree_ratios: dict[str, dict[str, Any]] = {}
+    tag = getattr(args, "compare_tag", None)
+    for gl in governors:
+        other = gl.replace("governor", f"governor@{tag}", 1) if tag else None
+        if "@" in gl or other not in medians:
+            continue
+        key = "accepted_samples_per_cpu_s"
+        d, m = medians[gl][key], medians[other][key]
+        print(f"\n{gl} / {other} (this checkout over the compared one, medians, same runs)")
+        tree_ratios[gl] = {}
+        if d and m:
+            tree_ratios[gl][key] = round(d / m, 3)
+            print(f"  {'accepted samples per CPU-second':46s} {tree_ratios[gl][key]:>12.3f}")
+        per_run = []
+        for n in sorted({r["run"] for r in results}):
+            a = next((x[key] for x in results if x["run"] == n and x["target"] == gl), None)
+            b = next((x[key] for x in results if x["run"] == n and x["target"] == other), None)
+            if a and b:
+                per_run.append(round(a / b, 3))
+        if per_run:
+            tree_ratios[gl]["per_run_" + key] = per_run
+            print(f"  {'accepted samples per CPU-second, per run':46s} {per_run}")
     if governors and not any(r["profiled"] for r in results):
         print("\ntargets (governor, medians)")
         for gl in governors:
@@ -1007,6 +1045,7 @@ def report(results: list[dict], args: argparse.Namespace, labels: list[str]) -> 
         "ratios_governor_over_vmagent": ratios,
         "ratios_over_memory_queue": queue_ratios,
         "ratios_rules_over_no_rules": rules_ratios,
+        "ratios_over_compare_tree": tree_ratios,
     }
 
 
@@ -1081,6 +1120,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FILE",
         help="also measure governor with FILE as limits.file, alternating with no limits",
     )
+    p.add_argument(
+        "--compare-tree",
+        type=Path,
+        help="another checkout (e.g. a git worktree of an older commit): every governor variant"
+        " is measured with its code too, in the same runs, labelled governor@<its HEAD>",
+    )
     p.add_argument("--json-out", type=Path, help="where to write the JSON results")
     args = p.parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -1115,6 +1160,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.runs < 1 or args.duration <= 0 or args.rate <= 0:
         p.error("--runs, --duration and --rate must be positive")
+    compare = None
+    if args.compare_tree is not None:
+        if "governor" not in targets or not (args.compare_tree / "service").is_dir():
+            p.error("--compare-tree needs governor among --targets and a checkout with service/")
+        args.compare_tree = args.compare_tree.resolve()
+        compare = provenance.code_state(args.compare_tree / "service")
+        compare["head"] = subprocess.run(
+            ["git", "-C", str(args.compare_tree), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        args.compare_tag = compare["head"] or args.compare_tree.name
+        # Each variant next to its twin from the other checkout, so drift hits both alike.
+        twins = {v.label: v.at_tree(args.compare_tree, args.compare_tag) for v in plan}
+        plan = [w for v in plan for w in ((v, twins[v.label]) if v.target == "governor" else (v,))]
 
     results = []
     started = datetime.datetime.now(datetime.UTC)
@@ -1144,6 +1205,12 @@ def main(argv: list[str] | None = None) -> int:
         + (f", stats labels {list(stats_labels)}" if stats_labels else "")
         + (f"; limits file {args.limits}" if args.limits else "")
         + (
+            f"; compared with {args.compare_tree} (HEAD {compare['head'] or '?'}, service sources"
+            f" sha256 {compare['service_sha256']}) as governor@{args.compare_tag}"
+            if compare
+            else ""
+        )
+        + (
             f"; prw.receiver.max_concurrent_requests {args.max_concurrent_requests}"
             if args.max_concurrent_requests
             else ""
@@ -1156,6 +1223,7 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "host": {"nproc": os.cpu_count(), "load_avg": os.getloadavg()},
         "code": code,
+        "compare_code": compare,
         **summary,
         "results": results,
     }
