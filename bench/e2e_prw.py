@@ -870,6 +870,21 @@ def median_of(results: list[dict], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
+def _per_run_ratio(results: list[dict], a: str, b: str, into: dict[str, Any]) -> None:
+    """Variant `a`'s accepted samples per CPU-second over `b`'s, run by run: printed, and kept
+    in `into` as per_run_accepted_samples_per_cpu_s."""
+    key = "accepted_samples_per_cpu_s"
+    per_run = []
+    for n in sorted({r["run"] for r in results}):
+        x = next((r[key] for r in results if r["run"] == n and r["target"] == a), None)
+        y = next((r[key] for r in results if r["run"] == n and r["target"] == b), None)
+        if x and y:
+            per_run.append(round(x / y, 3))
+    if per_run:
+        into["per_run_" + key] = per_run
+        print(f"  {'accepted samples per CPU-second, per run':46s} {per_run}")
+
+
 def report(results: list[dict], args: argparse.Namespace, labels: list[str]) -> dict[str, Any]:
     targets = [t for t in labels if any(r["target"] == t for r in results)]
     with_rules = any(
@@ -972,16 +987,7 @@ def report(results: list[dict], args: argparse.Namespace, labels: list[str]) -> 
                 rules_ratios[gl][key] = round(d[key] / m[key], 3)
                 print(f"  {label:46s} {rules_ratios[gl][key]:>12.3f}")
         # Per run as well: the configurations alternate within each run.
-        key = "accepted_samples_per_cpu_s"
-        per_run = []
-        for n in sorted({r["run"] for r in results}):
-            a = next((x[key] for x in results if x["run"] == n and x["target"] == gl), None)
-            b = next((x[key] for x in results if x["run"] == n and x["target"] == base), None)
-            if a and b:
-                per_run.append(round(a / b, 3))
-        if per_run:
-            rules_ratios[gl]["per_run_" + key] = per_run
-            print(f"  {'accepted samples per CPU-second, per run':46s} {per_run}")
+        _per_run_ratio(results, gl, base, rules_ratios[gl])
     tree_ratios: dict[str, dict[str, Any]] = {}
     tag = getattr(args, "compare_tag", None)
     for gl in governors:
@@ -995,15 +1001,7 @@ def report(results: list[dict], args: argparse.Namespace, labels: list[str]) -> 
         if d and m:
             tree_ratios[gl][key] = round(d / m, 3)
             print(f"  {'accepted samples per CPU-second':46s} {tree_ratios[gl][key]:>12.3f}")
-        per_run = []
-        for n in sorted({r["run"] for r in results}):
-            a = next((x[key] for x in results if x["run"] == n and x["target"] == gl), None)
-            b = next((x[key] for x in results if x["run"] == n and x["target"] == other), None)
-            if a and b:
-                per_run.append(round(a / b, 3))
-        if per_run:
-            tree_ratios[gl]["per_run_" + key] = per_run
-            print(f"  {'accepted samples per CPU-second, per run':46s} {per_run}")
+        _per_run_ratio(results, gl, other, tree_ratios[gl])
     if governors and not any(r["profiled"] for r in results):
         print("\ntargets (governor, medians)")
         for gl in governors:
