@@ -2,8 +2,9 @@
 when every series of a request is its labels followed by one sample, which is what Prometheus
 and vmagent send; any other request gets label_keys, a labels-only parse. A prefix key that is
 not only labels (a label whose value ends like a sample's field, two samples in one series) is
-caught the first time it is seen (check_labels raises NotLabels), and then the request is read
-by label_keys instead: what governance counts, routes and forwards is the same either way."""
+caught the first time it is seen (check_labels raises NotLabels), and then the stats and limits
+read the request by label_keys and the rules evaluate it series by series: what governance
+counts, routes and forwards is the same either way."""
 
 from __future__ import annotations
 

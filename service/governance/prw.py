@@ -78,11 +78,11 @@ def govern(
     framed: list[bytes] | None = None,
 ) -> Governed:
     """Validate a serialized WriteRequest (raises BadProtobuf) and run the rules over it.
-    `counts` (prw_codec.count) and `series` (label bytes and their hashes) when the caller has
-    them already, for the same `data`; or `counts` and `samples` from prw_codec.count_samples,
-    with `series`: then the labels of series new to the route cache are validated here, before
-    anything is counted. `framed`: each series' bytes, when `series` are their keys from
-    `prefix_label_keys`; without `series`, they are taken that way here when they can be.
+    `counts` (prw_codec.count) when the caller has them already, for the same `data`; or
+    `counts` and `samples` from prw_codec.count_samples, with `series` (the keys
+    `prefix_label_keys` gave, and their hashes) and `framed` (each series' bytes): then the
+    labels of series new to the route cache are validated here, before anything is counted.
+    Without `framed`, the keys are taken here when they can be.
 
     Requests of single-sample float series (what Prometheus sends) take the cached path: each
     distinct series' route through the rules is decided once and found again by its serialized
@@ -91,21 +91,18 @@ def govern(
     if counts is None:
         counts = prw_codec.count(data)
     if not counts.histograms and counts.samples == counts.series:
-        if series is None:
-            full = list(SeriesBytes.FromString(data).timeseries)
-            keys = prefix_label_keys(data, full)
+        if framed is None or series is None:
+            framed = list(SeriesBytes.FromString(data).timeseries)
+            keys = prefix_label_keys(data, framed)
             if keys is None:  # not every series its labels and one sample
                 return govern_each(engine, data)
-            series, framed = (keys, hash_array(keys)), full
+            series = (keys, hash_array(keys))
         try:
-            try:
-                governed = _govern_cached(engine, data, counts, series, samples, framed)
-            except NotLabels:  # a key taken before a sample is more than labels
-                governed = _govern_cached(engine, data, counts, series_keys(data), samples)
+            return _govern_cached(engine, data, series, samples, framed)
+        except NotLabels:  # a key taken before a sample is more than labels: not one sample each
+            pass
         except _PBDecodeError:  # a new series' labels
             raise BadProtobuf("body is not a valid protobuf WriteRequest") from None
-        if governed is not None:
-            return governed
     return govern_each(engine, data)
 
 
@@ -458,28 +455,19 @@ def route_table(engine: RuleEngine, hashes: np.ndarray) -> RouteTable:
 def _govern_cached(
     engine: RuleEngine,
     data: bytes,
-    counts: prw_codec.Counts,
     series: tuple[list[bytes], np.ndarray],
     samples: Any,
-    framed: list[bytes] | None = None,
-) -> Governed | None:
-    """The cached path; None when a series is not its labels followed by one sample (then the
-    caller evaluates each series). `samples`: the request's, one per series, if known;
-    `framed`: each series' bytes, when `series` are their keys from prefix_label_keys."""
+    full: list[bytes],
+) -> Governed:
+    """The cached path, for a request of series only (`full`, each series' bytes), each its
+    labels and one sample as the keys `series` (from prefix_label_keys, and their hashes) show
+    once a new one passes check_labels (else NotLabels, before anything is counted). A
+    relabeled series is spliced: its new labels + its bytes after its labels. `samples`: the
+    request's, one per series, if known."""
     # Keyed by a 64-bit hash of the labels, not the labels: a fraction of the memory per
     # series, and a collision needs ~4 billion series in the cache at once to become likely.
     keys, hashes = series
     n = len(keys)
-    if framed is None:
-        src = SeriesBytes.FromString(data)
-        full, metadata = list(src.timeseries), src.metadata
-        # As many samples as series may still be two in one series and none in another: each
-        # series must be its labels and one sample, as the keys taken before a sample show.
-        # (A relabeled series is spliced: its new labels + its bytes after its labels.)
-        if prefix_label_keys(data, full) != keys:
-            return None
-    else:
-        full, metadata = framed, ()
     table = route_table(engine, hashes)
     slots = table.slots(engine, keys, hashes)
     path_nos = table.path_nos[slots]
@@ -529,7 +517,7 @@ def _govern_cached(
     kept = len(out)
     if kept == n and not relabeled_any:
         return Governed(None, n, n, n, 0, 0, n, 0)  # all went on as they came (keep_input ...)
-    new = prw_codec.frame(out, metadata)
+    new = prw_codec.frame(out)
     return Governed(new, kept, kept, kept, 0, n - kept, n, 0)
 
 
