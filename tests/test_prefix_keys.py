@@ -1,4 +1,4 @@
-"""A remote-write series' labels are taken as its bytes before its sample (prefix_label_keys)
+"""A remote-write series' labels are taken as its bytes before its sample (prefix_series)
 when every series of a request is its labels followed by one sample, which is what Prometheus
 and vmagent send; any other request gets label_keys, a labels-only parse. A prefix key that is
 not only labels (a label whose value ends like a sample's field, two samples in one series) is
@@ -9,6 +9,7 @@ counts, routes and forwards is the same either way."""
 from __future__ import annotations
 
 import random
+import struct
 
 import pytest
 from hypothesis import given, settings
@@ -24,6 +25,8 @@ from service._proto.prometheus.types_pb2 import (
     Sample,
     TimeSeries,
 )
+from service.codec import prw as prw_codec
+from service.codec.compression import varint
 from service.config import StatsConfig
 from service.governance import prw
 from service.governance.engine import RuleEngine
@@ -47,18 +50,23 @@ def full_of(data: bytes) -> list[bytes]:
     return list(SeriesBytes.FromString(data).timeseries)
 
 
+def prefix_keys(data: bytes) -> list[bytes] | None:
+    got = prw.prefix_series(data, full_of(data))
+    return None if got is None else got.keys
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.tuples(_labels, _sample), max_size=8))
 def test_a_request_of_one_sample_per_series_gets_its_label_keys(
     items: list[tuple[list[Label], Sample]],
 ) -> None:
     """For any request whose every series is its labels then one sample (any value, any
-    timestamp, labels of any length), prefix_label_keys gives label_keys' keys, and each
+    timestamp, labels of any length), prefix_series gives label_keys' keys, and each
     passes check_labels. An empty request gets None."""
     data = WriteRequest(
         timeseries=[TimeSeries(labels=labels, samples=[s]) for labels, s in items]
     ).SerializeToString()
-    keys = prw.prefix_label_keys(data, full_of(data))
+    keys = prefix_keys(data)
     if not items:
         assert keys is None
         return
@@ -86,7 +94,7 @@ def test_a_prefix_key_is_the_label_key_or_is_caught(
     items: list[tuple[TimeSeries, bytes]], metadata: list[MetricMetadata]
 ) -> None:
     """For any request (several samples, exemplars, histograms, metadata, and last label
-    values that end like a sample's field), prefix_label_keys gives None, or keys each of
+    values that end like a sample's field), prefix_series gives None, or keys each of
     which is the series' label key or fails check_labels; so when all of them pass, they are
     label_keys' keys."""
     timeseries = []
@@ -96,7 +104,7 @@ def test_a_prefix_key_is_the_label_key_or_is_caught(
             ts.labels[-1].value += tail.decode()
         timeseries.append(ts)
     data = WriteRequest(timeseries=timeseries, metadata=metadata).SerializeToString()
-    keys = prw.prefix_label_keys(data, full_of(data))
+    keys = prefix_keys(data)
     if keys is None:
         return
     exact = prw.label_keys(data)
@@ -128,17 +136,17 @@ def test_requests_of_other_shapes_get_none() -> None:
     }
     for shape, req in shapes.items():
         data = req.SerializeToString()
-        assert prw.prefix_label_keys(data, full_of(data)) is None, shape
+        assert prefix_keys(data) is None, shape
     two = WriteRequest(timeseries=[TimeSeries(labels=labels, samples=[one, one])])
     data = two.SerializeToString()
-    keys = prw.prefix_label_keys(data, full_of(data))
+    keys = prefix_keys(data)
     assert keys is not None
     with pytest.raises(prw.NotLabels):
         prw.check_labels(keys[0])
     body = plain.timeseries[0].SerializeToString()
     padded = b"\x0a" + bytes([0x80 | len(body), 0x00]) + body  # the length in two bytes
     assert prw.label_keys(padded) == [body[: -len(one.SerializeToString()) - 2]]
-    assert prw.prefix_label_keys(padded, full_of(padded)) is None
+    assert prefix_keys(padded) is None
 
 
 # ---- a request built to be misread -----------------------------------------------------------
@@ -178,7 +186,7 @@ def engine(now: list[int]) -> RuleEngine:
 def test_the_misleading_request_is_caught_by_check_labels() -> None:
     """Its prefix keys exist, and neither is its series' label key: both fail check_labels."""
     data = misleading()
-    keys = prw.prefix_label_keys(data, full_of(data))
+    keys = prefix_keys(data)
     assert keys is not None
     assert keys != prw.label_keys(data)
     for key in keys:
@@ -231,6 +239,84 @@ def test_keys_found_to_be_labels_stay_known() -> None:
     g.prw(req(T0_MS))
     cached = len(g.engine.route_cache)
     data = req(T0_MS + 1000)
-    assert prw.prefix_label_keys(data, full_of(data)) == prw.label_keys(data)
+    assert prefix_keys(data) == prw.label_keys(data)
     g.prw(data)
     assert len(g.engine.route_cache) == cached == 9
+
+
+def same_floats(a: list[float], b: list[float]) -> bool:
+    """Equal bit for bit (NaN payloads and -0.0 included)."""
+    return [struct.pack("<d", x) for x in a] == [struct.pack("<d", x) for x in b]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(_labels, _sample), min_size=1, max_size=8))
+def test_the_samples_read_with_the_keys_are_the_requests(
+    items: list[tuple[list[Label], Sample]],
+) -> None:
+    """For a request of one sample per series, prefix_series' points are the samples a parser
+    reads, in order, bit for bit; or None, only for a timestamp below 0 (a varint of 10
+    bytes) or for two layouts of the same size in one request."""
+    data = WriteRequest(
+        timeseries=[TimeSeries(labels=labels, samples=[s]) for labels, s in items]
+    ).SerializeToString()
+    got = prw.prefix_series(data, full_of(data))
+    assert got is not None
+    samples = [s for _, s in items]
+    if got.points is None:
+        layouts = {(len(s.SerializeToString()), s.SerializeToString()[:1]) for s in samples}
+        sizes = [size for size, _ in layouts]
+        assert any(s.timestamp < 0 for s in samples) or len(sizes) != len(set(sizes))
+        return
+    assert got.points.timestamps.tolist() == [s.timestamp for s in samples]
+    assert same_floats(got.points.values.tolist(), [s.value for s in samples])
+
+
+def _field_varint(field: int, value: int) -> bytes:
+    return varint(field << 3) + varint(value)
+
+
+# Samples a parser accepts, written in ways protobuf does not write them; whether
+# prefix_series reads them (a varint written longer than it needs is still read exactly).
+_ODD_READ = {"a longer varint"}
+_ODD_SAMPLES = {
+    "timestamp first": _field_varint(2, T0_MS) + b"\x09" + struct.pack("<d", 1.5),
+    "a longer varint": b"\x09" + struct.pack("<d", 1.5) + b"\x10" + bytes([0x80 | 5, 0x80, 0]),
+    "an unknown field": b"\x09" + struct.pack("<d", 1.5) + _field_varint(2, T0_MS) + b"\x18\x01",
+    "the value twice": b"\x09" + struct.pack("<d", 1.0) + b"\x09" + struct.pack("<d", 2.0),
+    "a negative timestamp": b"\x09" + struct.pack("<d", 1.5) + _field_varint(2, 2**64 - 5),
+}
+
+
+@pytest.mark.parametrize("odd", sorted(_ODD_SAMPLES))
+def test_samples_in_other_layouts_are_counted_by_the_parser(odd: str) -> None:
+    """A sample in a layout protobuf does not write (fields in another order, an unknown field,
+    a field twice) gives no points, and a varint longer than it needs gives the parser's
+    value; through governance (rules and full stats) the request is counted and routed as the
+    parser reads it."""
+    sample = _ODD_SAMPLES[odd]
+    parsed = Sample.FromString(sample)
+    series = [
+        TimeSeries(labels=[Label(name="__name__", value=n)]).SerializeToString()
+        + b"\x12"
+        + varint(len(sample))
+        + sample
+        for n in ("a", "b")
+    ]
+    data = prw_codec.frame(series)
+    got = prw.prefix_series(data, full_of(data))
+    assert got is not None
+    if odd in _ODD_READ:
+        assert got.points is not None
+        assert got.points.timestamps.tolist() == [parsed.timestamp] * 2
+        assert got.points.values.tolist() == [parsed.value] * 2
+    else:
+        assert got.points is None
+    now = [T0_MS]
+    stats = Stats(StatsConfig(level="full"), pipeline="prw")
+    g = Governance(pipeline="prw", engine=engine(now), stats=stats, clock_ms=lambda: now[0])
+    out = g.prw(data)
+    assert (out.series, out.samples, out.in_samples) == (1, 1, 2)  # `b` goes into a window
+    assert {n: c.total for n, c in stats.metrics.items()} == {"a": 1, "b": 1}
+    now[0] += 120_000
+    assert [(e.name, e.points[0][1]) for e in g.engine.due()] == [("b", parsed.value)]

@@ -80,6 +80,18 @@ rules:
     match: {name: "temp_.*"}
     action: aggregate
     aggregate: {interval: 10s, by: [job], functions: [avg, min, max, last, stddev]}
+  - {name: ds-min, match: {name: "load_.*"}, action: downsample,
+     downsample: {interval: 10s, method: min}}
+  - {name: ds-max, match: {name: "fan_.*"}, action: downsample,
+     downsample: {interval: 10s, method: max}}
+  - {name: ds-sum, match: {name: "io_.*"}, action: downsample,
+     downsample: {interval: 10s, method: sum}}
+  - {name: ds-count, match: {name: "pkt_.*"}, action: downsample,
+     downsample: {interval: 10s, method: count}}
+  - {name: agg-sum-only, match: {name: "errs_total"}, action: aggregate,
+     aggregate: {interval: 10s, by: [job], functions: [sum]}}
+  - {name: agg-count-only, match: {name: "users_.*"}, action: aggregate,
+     aggregate: {interval: 10s, without: [pod], functions: [count]}}
 """
 
 NAMES = [
@@ -96,6 +108,12 @@ NAMES = [
     "net_rx",
     "reqs_total",
     "temp_c",
+    "load_1m",
+    "fan_rpm",
+    "io_ops",
+    "pkt_rx",
+    "errs_total",
+    "users_online",
     "plain",
 ]
 

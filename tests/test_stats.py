@@ -113,7 +113,8 @@ def one_sample_each(data: bytes) -> bool:
     """Whether the stats count `data` as one datapoint a series without parsing it: every
     series is its labels then one sample, as its keys taken before its sample show (they
     exist, and each is only labels)."""
-    keys = prw.prefix_label_keys(data, list(SeriesBytes.FromString(data).timeseries))
+    got = prw.prefix_series(data, list(SeriesBytes.FromString(data).timeseries))
+    keys = None if got is None else got.keys
     try:
         for key in keys or ():
             prw.check_labels(key)

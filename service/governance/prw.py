@@ -79,10 +79,11 @@ def govern(
 ) -> Governed:
     """Validate a serialized WriteRequest (raises BadProtobuf) and run the rules over it.
     `counts` (prw_codec.count) when the caller has them already, for the same `data`; or
-    `counts` and `samples` from prw_codec.count_samples, with `series` (the keys
-    `prefix_label_keys` gave, and their hashes) and `framed` (each series' bytes): then the
-    labels of series new to the route cache are validated here, before anything is counted.
-    Without `framed`, the keys are taken here when they can be.
+    `counts` and `samples` (prefix_series' points, or prw_codec.count_samples'), with `series`
+    (the keys `prefix_series` gave, and their hashes) and `framed` (each series' bytes): then
+    the labels of series new to the route cache are validated here, before anything is
+    counted (counts taken from the points hold only once they are). Without `framed`, the keys
+    are taken here when they can be.
 
     Requests of single-sample float series (what Prometheus sends) take the cached path: each
     distinct series' route through the rules is decided once and found again by its serialized
@@ -93,10 +94,11 @@ def govern(
     if not counts.histograms and counts.samples == counts.series:
         if framed is None or series is None:
             framed = list(SeriesBytes.FromString(data).timeseries)
-            keys = prefix_label_keys(data, framed)
-            if keys is None:  # not every series its labels and one sample
+            got = prefix_series(data, framed)
+            if got is None:  # not every series its labels and one sample
                 return govern_each(engine, data)
-            series = (keys, hash_array(keys))
+            series = (got.keys, hash_array(got.keys))
+            samples = got.points
         try:
             return _govern_cached(engine, data, series, samples, framed)
         except NotLabels:  # a key taken before a sample is more than labels: not one sample each
@@ -155,7 +157,7 @@ _PASS = _Cached(KEEP, None)
 
 def _route(engine: RuleEngine, key: bytes) -> _Cached:
     """How the rules treat a series first seen, from its serialized labels. Raises NotLabels
-    for a key that is not only labels (see prefix_label_keys), DecodeError for labels that do
+    for a key that is not only labels (see prefix_series), DecodeError for labels that do
     not parse (not UTF-8)."""
     check_labels(key)
     labels = {}
@@ -225,7 +227,7 @@ def label_keys(data: bytes) -> list[bytes]:
 
 
 class NotLabels(Exception):
-    """A key taken from a series' bytes by `prefix_label_keys` is not that series' labels."""
+    """A key taken from a series' bytes by `prefix_series` is not that series' labels."""
 
 
 # The sizes a Sample's serialization can have, the commonest first: a value (9 bytes, none
@@ -233,19 +235,38 @@ class NotLabels(Exception):
 _SAMPLE_SIZES = (16, 7, 9, 0, 17, 15, 18, 14, 19, 13, 20, 12, 11, 10, 8, 6, 5, 4, 3, 2)
 
 
-def prefix_label_keys(data: bytes, full: list[bytes]) -> list[bytes] | None:
+@attrs.frozen(slots=True, eq=False)
+class Points:
+    """A request's samples, one a series, as columns in the series' order."""
+
+    timestamps: np.ndarray  # int64, ms
+    values: np.ndarray  # float64
+
+
+@attrs.frozen(slots=True, eq=False)
+class Prefixed:
+    """What prefix_series reads of the usual request."""
+
+    keys: list[bytes]  # each series' bytes before its sample: its labels, once checked
+    # The samples, when each is in a layout read here (else None: the caller validates the
+    # samples and reads them with prw_codec.count_samples).
+    points: Points | None
+
+
+def prefix_series(data: bytes, full: list[bytes]) -> Prefixed | None:
     """`label_keys` for the usual request, taken in a few array operations instead of a
-    serialization (~0.17 us a series against ~0.65): a request made only of series (`full`,
-    each series' bytes in order), each its labels followed by one sample. Then a series' labels
-    are its bytes but the last field, whose tag (a sample's) and length are checked. None for a
-    request with metadata, or with a series that does not end with a sample (an exemplar, a
-    histogram).
+    serialization (~0.17 us a series against ~0.65), with the samples: a request made only of
+    series (`full`, each series' bytes in order), each its labels followed by one sample. Then
+    a series' labels are its bytes but the last field, whose tag (a sample's) and length are
+    checked. None for a request with metadata, or with a series that does not end with a
+    sample (an exemplar, a histogram).
 
     What that leaves unproven is whether the bytes before the last sample are only labels: a
     series of two samples, or a label whose value ends like a sample's field, would give a key
     that is not its labels. So the key of a series not seen before must pass `check_labels`
     (which raises NotLabels); a key that passed once is the same bytes at its next sight, and
-    then the series' fields can only be those labels and one sample."""
+    then the series' fields can only be those labels and one sample. The points read here are
+    those samples only once that is proven: until then a caller must not count them."""
     n = len(full)
     if not n:
         return None
@@ -271,7 +292,69 @@ def prefix_label_keys(data: bytes, full: list[bytes]) -> list[bytes] | None:
             break
     else:
         return None
-    return [series[:k] for series, k in zip(full, (lengths - tails).tolist(), strict=True)]
+    keys = [series[:k] for series, k in zip(full, (lengths - tails).tolist(), strict=True)]
+    return Prefixed(keys, _sample_points(buf, ends, tails - 2))
+
+
+def _sample_points(buf: np.ndarray, ends: np.ndarray, sizes: np.ndarray) -> Points | None:
+    """Each series' sample (the `sizes[i]` bytes before `ends[i]`), when every one is laid out
+    as protobuf writes a Sample: the value (tag 0x09, 8 bytes; left out when 0) then the
+    timestamp (tag 0x10, a varint of at most 9 bytes; left out when 0). Any other layout, which
+    a parser may still accept, gives None. Every layout read here is a valid Sample."""
+    n = ends.size
+    first = int(sizes[0])
+    if (sizes == first).all():
+        groups: list[tuple[int, Any]] = [(first, slice(None))]
+    else:
+        groups = [(int(s), np.flatnonzero(sizes == s)) for s in np.unique(sizes).tolist()]
+    timestamps = np.zeros(n, dtype=np.int64)
+    values = np.zeros(n, dtype=np.float64)
+    for size, rows in groups:
+        if not size:
+            continue  # an empty Sample: value 0, timestamp 0
+        block = buf[(ends[rows] - size)[:, None] + _BYTE_OFFSETS[:size]]
+        layout = _layout(size, int(block[0, 0]))
+        # Every sample of this size in the layout (tags, and which bytes of the varint go on).
+        if layout is None or not ((block & layout[0]) == layout[1]).all():
+            return None
+        if layout[2]:
+            values[rows] = block[:, 1:9].copy().view("<f8").ravel()
+        at = layout[3]
+        if at < size:
+            digits = (block[:, at:] & 0x7F).astype(np.uint64) << _VARINT_SHIFTS[: size - at]
+            timestamps[rows] = digits.sum(axis=1, dtype=np.uint64).view(np.int64)
+    return Points(timestamps, values)
+
+
+def _layout(size: int, tag: int) -> tuple[np.ndarray, np.ndarray, bool, int] | None:
+    """For a Sample of `size` bytes starting with `tag`, as protobuf writes it: a mask and the
+    bytes expected under it, whether it has a value, and where its timestamp's varint starts
+    (`size` if it has none). None for any other."""
+    key = (size, tag)
+    if key not in _LAYOUTS:
+        has_value = tag == 0x09
+        at = 10 if has_value else 1
+        width = size - at
+        if has_value and size == 9:
+            width, at = 0, 9
+        ok = (tag == 0x09 and (size == 9 or size >= 11)) or (tag == 0x10 and size >= 2)
+        if not ok or width > 9:
+            _LAYOUTS[key] = None
+        else:
+            mask = np.zeros(size, dtype=np.uint8)
+            expect = np.zeros(size, dtype=np.uint8)
+            mask[0], expect[0] = 0xFF, tag
+            if has_value and width:
+                mask[9], expect[9] = 0xFF, 0x10
+            mask[at:] = 0x80  # the varint: every byte but its last goes on
+            expect[at : size - 1] = 0x80
+            _LAYOUTS[key] = (mask, expect, has_value, at)
+    return _LAYOUTS[key]
+
+
+_LAYOUTS: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, bool, int] | None] = {}
+_BYTE_OFFSETS = np.arange(20, dtype=np.int64)
+_VARINT_SHIFTS = np.arange(0, 63, 7, dtype=np.uint64)
 
 
 def check_labels(key: bytes) -> None:
@@ -460,7 +543,7 @@ def _govern_cached(
     full: list[bytes],
 ) -> Governed:
     """The cached path, for a request of series only (`full`, each series' bytes), each its
-    labels and one sample as the keys `series` (from prefix_label_keys, and their hashes) show
+    labels and one sample as the keys `series` (from prefix_series, and their hashes) show
     once a new one passes check_labels (else NotLabels, before anything is counted). A
     relabeled series is spliced: its new labels + its bytes after its labels. `samples`: the
     request's, one per series, if known."""
@@ -571,13 +654,23 @@ def _sampled(
     return at[keep]
 
 
-def _points_of(full: list[bytes], where: list[int], samples: Any) -> list[Any]:
-    """The samples (one a series) of series `where`: from the request's samples when the caller
-    has them, else by merging those series so that their samples line up with them."""
+def _points_at(full: list[bytes], at: np.ndarray, samples: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The timestamps and values of the samples (one a series) of series `at`: from the
+    request's samples when the caller has them (Points, or count_samples' list), else by
+    merging those series so that their samples line up with them."""
+    if isinstance(samples, Points):
+        return samples.timestamps[at], samples.values[at]
+    where = at.tolist()
     if samples is not None:
-        return list(map(samples.__getitem__, where))
-    joined = prw_codec.frame(list(map(full.__getitem__, where)))
-    return list(MergedWriteRequest.FromString(joined).timeseries.samples)
+        points = list(map(samples.__getitem__, where))
+    else:
+        joined = prw_codec.frame(list(map(full.__getitem__, where)))
+        points = list(MergedWriteRequest.FromString(joined).timeseries.samples)
+    n = len(points)
+    return (
+        np.fromiter(map(_TIMESTAMP_OF, points), dtype=np.int64, count=n),
+        np.fromiter(map(_VALUE_OF, points), dtype=np.float64, count=n),
+    )
 
 
 def _add_one_by_one(
@@ -596,9 +689,9 @@ def _add_one_by_one(
     `out`). Whether a series that went on has new labels."""
     relabeled_any = False
     late_before: dict[str, tuple[Any, int]] = {}
-    where = at.tolist()
-    for i, slot, sample in zip(
-        where, slots.tolist(), _points_of(full, where, samples), strict=True
+    ts, values = _points_at(full, at, samples)
+    for i, slot, when, value in zip(
+        at.tolist(), slots.tolist(), ts.tolist(), values.tolist(), strict=True
     ):
         c = cached[slot]
         dyn = c.dynamic
@@ -607,13 +700,9 @@ def _add_one_by_one(
         if t.name not in late_before:
             late_before[t.name] = (state, state.late)
         if dyn.grouped is None:  # downsample: outputs reuse the serialized labels
-            state.add_one(
-                dyn.key, dyn.name, dyn.labels, dyn.kind, dyn.wire, sample.timestamp, sample.value
-            )
+            state.add_one(dyn.key, dyn.name, dyn.labels, dyn.kind, dyn.wire, when, value)
         else:
-            state.add_one(
-                dyn.key, dyn.name, dyn.grouped, dyn.counter, sample.timestamp, sample.value, now_ms
-            )
+            state.add_one(dyn.key, dyn.name, dyn.grouped, dyn.counter, when, value, now_ms)
             if t.settings.keep_input:
                 series = full[i]
                 if c.relabeled is not None:
@@ -637,9 +726,7 @@ def _add_to_columns(
 ) -> None:
     """The samples of series `at` (their slots) into their rules' windows, a rule at a time
     (`repeats`: a series may come more than once)."""
-    points = _points_of(full, at.tolist(), samples)
-    values = np.fromiter(map(_VALUE_OF, points), dtype=np.float64, count=len(points))
-    ts = np.fromiter(map(_TIMESTAMP_OF, points), dtype=np.int64, count=len(points))
+    ts, values = _points_at(full, at, samples)
     nos = table.column_nos[slots]
     first = int(nos[0])
     groups = [(first, slice(None))] if (nos == first).all() else None

@@ -219,14 +219,21 @@ class Governance:
             # than labels (NotLabels) sends the request back to label_keys.
             try:
                 full = list(SeriesBytes.FromString(data).timeseries)
-                keys = prw_gov.prefix_label_keys(data, full)
-                if keys is None:
+                got = prw_gov.prefix_series(data, full)
+                if got is None:
                     keys = prw_gov.label_keys(data)
                 else:
+                    keys = got.keys
                     framed = full  # the request is these series and nothing else
             except DecodeError:
                 raise BadProtobuf("body is not a valid protobuf WriteRequest") from None
-            counts, samples = prw_codec.count_samples(data, len(keys))
+            if got is not None and got.points is not None:
+                # Each series its labels and one sample, read above, once its key is proven
+                # to be labels (below, or in the rules): else the request is counted again.
+                samples = got.points
+                counts = prw_codec.Counts(len(keys), len(keys), 0)
+            else:
+                counts, samples = prw_codec.count_samples(data, len(keys))
             keys_ids = (keys, hash_array(keys))
         else:
             counts = prw_codec.count(data)
@@ -243,6 +250,7 @@ class Governance:
                     slots = self._slots_of(keys, hashes)
                 except prw_gov.NotLabels:
                     keys, hashes = keys_ids = prw_gov.series_keys(data)
+                    counts, samples = prw_codec.count_samples(data, len(keys))
                     framed = None
                     slots = self._slots_of(keys, hashes)
             except DecodeError:  # a new series' labels
@@ -272,6 +280,8 @@ class Governance:
             g = prw_gov.govern(self.engine, data, counts_after, keys_ids, samples, framed)
             if changed is not None and g.data is None:
                 g = attrs.evolve(g, data=data)
+            if changed is None:  # govern counted the request itself (exactly, if it found
+                return g  # a key taken before a sample to be more than labels)
             return attrs.evolve(
                 g,
                 removed=g.removed + removed,

@@ -65,10 +65,14 @@ class _Acc:
     def __init__(self, size: int) -> None:
         for name, dtype, fill in self.FIELDS:
             setattr(self, name, np.full(size, fill, dtype=dtype))
+        self.capacity = size
 
     def grow(self, size: int) -> None:
+        if size <= self.capacity:
+            return
         for name, _, fill in self.FIELDS:
             setattr(self, name, grown(getattr(self, name), size, fill))
+        self.capacity = self.count.size
 
 
 class _SeriesAcc(_Acc):
@@ -92,18 +96,24 @@ class _SeriesAcc(_Acc):
     last_t: np.ndarray
     last_v: np.ndarray
 
-    def add(self, r: np.ndarray, t: np.ndarray, v: np.ndarray) -> None:
-        """Points of distinct rows, in arrival order."""
+    def add(self, r: np.ndarray, t: np.ndarray, v: np.ndarray, method: str) -> None:
+        """Points of distinct rows, in arrival order, into the fields `method` reads (the
+        others keep their neutral values: the window's output never reads them)."""
         self.count[r] += 1
-        self.total[r] += v
-        self.low[r] = np.minimum(self.low[r], v)
-        self.high[r] = np.maximum(self.high[r], v)
-        earlier = t < self.first_t[r]  # the first point of a timestamp stays first
-        self.first_t[r[earlier]] = t[earlier]
-        self.first_v[r[earlier]] = v[earlier]
-        later = t >= self.last_t[r]  # the last point of a timestamp wins
-        self.last_t[r[later]] = t[later]
-        self.last_v[r[later]] = v[later]
+        if method in ("avg", "sum"):
+            self.total[r] += v
+        elif method == "min":
+            self.low[r] = np.minimum(self.low[r], v)
+        elif method == "max":
+            self.high[r] = np.maximum(self.high[r], v)
+        elif method == "first":
+            earlier = t < self.first_t[r]  # the first point of a timestamp stays first
+            self.first_t[r[earlier]] = t[earlier]
+            self.first_v[r[earlier]] = v[earlier]
+        elif method == "last":
+            later = t >= self.last_t[r]  # the last point of a timestamp wins
+            self.last_t[r[later]] = t[later]
+            self.last_v[r[later]] = v[later]
 
 
 class _Columns:
@@ -241,8 +251,9 @@ class DownsampleColumns(_Columns):
         increases: np.ndarray | None,
         repeats: bool,
     ) -> None:
+        method = self.state.cfg.method
         for once in rounds(rows) if repeats else (slice(None),):
-            acc.add(rows[once], ts[once], values[once])
+            acc.add(rows[once], ts[once], values[once], method)
 
     def materialize(self, starts: list[int]) -> None:
         """Move these windows into the state's window objects (merging with any there)."""
@@ -322,6 +333,9 @@ class AggregateColumns(_Columns):
         self.groups: list[Hashable] = []  # by number: the state's group key
         self._group_no: dict[Hashable, int] = {}
         self._group_meta: list[tuple[str, dict[str, str], bool]] = []
+        # The fields the rule's functions read (count always: it marks the groups seen); the
+        # others keep their neutral values.
+        self._needs = frozenset().union(*(_AGGREGATE_NEEDS[f] for f in state.cfg.functions))
 
     def register(self, slot: int) -> int:
         known = self.row_of.size > slot and self.row_of[slot] >= 0
@@ -397,15 +411,22 @@ class AggregateColumns(_Columns):
     ) -> None:
         n_groups = len(self.groups)
         g, t, v = self.group_of_row[rows], ts, values
+        need = self._needs
         # Sums in arrival order, point by point (ufunc.at), as adding them one by one does:
         # the same floating-point results, not merely close ones.
-        if increases is not None:
+        if increases is not None and "increase" in need:
             np.add.at(acc.increase, g, increases)
         acc.count[:n_groups] += np.bincount(g, minlength=n_groups)
-        np.add.at(acc.total, g, v)
-        np.add.at(acc.squares, g, v * v)
-        np.minimum.at(acc.low, g, v)
-        np.maximum.at(acc.high, g, v)
+        if "total" in need:
+            np.add.at(acc.total, g, v)
+        if "squares" in need:
+            np.add.at(acc.squares, g, v * v)
+        if "low" in need:
+            np.minimum.at(acc.low, g, v)
+        if "high" in need:
+            np.maximum.at(acc.high, g, v)
+        if "last" not in need:
+            return
         # Per group its latest point (the last to arrive of the latest timestamp).
         order = np.lexsort((np.arange(t.size), t))
         rank = np.empty(t.size, dtype=np.int64)
@@ -459,6 +480,21 @@ class AggregateColumns(_Columns):
         n = len(self.slots)
         gone = self.last_seen[:n] < stale_ms
         self.last_value[:n][gone] = math.nan
+
+
+# What each aggregate function reads of a group's window, for gauges and for counters (sum of
+# counters: the increase; a gauge function over counters: the raw values).
+_AGGREGATE_NEEDS: dict[str, frozenset[str]] = {
+    "sum": frozenset({"total", "increase"}),
+    "avg": frozenset({"total"}),
+    "min": frozenset({"low"}),
+    "max": frozenset({"high"}),
+    "count": frozenset(),
+    "last": frozenset({"last"}),
+    "stddev": frozenset({"total", "squares"}),
+    "increase": frozenset({"increase"}),
+    "rate": frozenset({"increase"}),
+}
 
 
 def _merge_group(a: _Group, b: _Group) -> _Group:
