@@ -9,6 +9,7 @@ it.
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from typing import Any
@@ -292,19 +293,26 @@ def prefix_series(data: bytes, full: list[bytes]) -> Prefixed | None:
             break
     else:
         return None
-    keys = [series[:k] for series, k in zip(full, (lengths - tails).tolist(), strict=True)]
-    return Prefixed(keys, _sample_points(buf, ends, tails - 2))
+    tail = int(tails[0])
+    uniform = bool((tails == tail).all())
+    if uniform:  # the usual request: every sample the same size
+        keys = list(map(operator.getitem, full, itertools.repeat(_CUT_TAIL[tail])))
+    else:
+        keys = [series[:k] for series, k in zip(full, (lengths - tails).tolist(), strict=True)]
+    return Prefixed(keys, _sample_points(buf, ends, tails - 2, uniform))
 
 
-def _sample_points(buf: np.ndarray, ends: np.ndarray, sizes: np.ndarray) -> Points | None:
+def _sample_points(
+    buf: np.ndarray, ends: np.ndarray, sizes: np.ndarray, uniform: bool
+) -> Points | None:
     """Each series' sample (the `sizes[i]` bytes before `ends[i]`), when every one is laid out
     as protobuf writes a Sample: the value (tag 0x09, 8 bytes; left out when 0) then the
     timestamp (tag 0x10, a varint of at most 9 bytes; left out when 0). Any other layout, which
-    a parser may still accept, gives None. Every layout read here is a valid Sample."""
+    a parser may still accept, gives None. Every layout read here is a valid Sample.
+    `uniform`: all of the same size."""
     n = ends.size
-    first = int(sizes[0])
-    if (sizes == first).all():
-        groups: list[tuple[int, Any]] = [(first, slice(None))]
+    if uniform:
+        groups: list[tuple[int, Any]] = [(int(sizes[0]), slice(None))]
     else:
         groups = [(int(s), np.flatnonzero(sizes == s)) for s in np.unique(sizes).tolist()]
     timestamps = np.zeros(n, dtype=np.int64)
@@ -354,6 +362,7 @@ def _layout(size: int, tag: int) -> tuple[np.ndarray, np.ndarray, bool, int] | N
 
 _LAYOUTS: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, bool, int] | None] = {}
 _BYTE_OFFSETS = np.arange(20, dtype=np.int64)
+_CUT_TAIL = [slice(None, -k if k else None) for k in range(23)]  # a series' bytes less k
 _VARINT_SHIFTS = np.arange(0, 63, 7, dtype=np.uint64)
 
 
@@ -378,15 +387,19 @@ class RouteTable:
     can."""
 
     __slots__ = (
+        "_counted_no",
         "_head_slot",
+        "_marks",
         "_path_no",
         "_sampler_no",
         "cached",
         "column_nos",
         "columns",
+        "counted_rules",
         "dispositions",
         "head_seen",
         "index",
+        "path_counts",
         "path_nos",
         "paths",
         "relabels",
@@ -416,6 +429,12 @@ class RouteTable:
         self.sampler_nos = np.zeros(1024, dtype=np.int32)  # by slot
         self.head_seen = np.zeros(1024, dtype=np.int64)  # by slot: where it is in its count
         self._head_slot: dict[Any, int] = {}  # a head-sampled series' key -> its slot
+        self._marks = np.zeros(1024, dtype=np.int32)  # by slot: scratch for repeats()
+        # Per path number, what one series on it adds to each rule's input, output and
+        # dropped counts (rows added as paths are numbered); the rules by column.
+        self.path_counts = np.zeros((1, 0, 3), dtype=np.int64)
+        self.counted_rules: list[str] = []
+        self._counted_no: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self.index)
@@ -458,6 +477,14 @@ class RouteTable:
         missing = np.flatnonzero(slots < 0)
         slots[missing] = index.lookup(hashes[missing])
         return slots
+
+    def repeats(self, slots: np.ndarray) -> bool:
+        """Whether a slot comes more than once in `slots`: each position is written at its
+        slot, so a slot written twice keeps only its last position."""
+        marks = self._marks = grown(self._marks, len(self.index))
+        at = np.arange(slots.size, dtype=np.int32)
+        marks[slots] = at
+        return not np.array_equal(marks[slots], at)
 
     def move_head(self, key: Any, points: int, n: int) -> int | None:
         """For a series evaluated on its own (RuleEngine.evaluate): where its head count stood,
@@ -518,7 +545,34 @@ class RouteTable:
         if no is None:
             no = self._path_no[id(path)] = len(self.paths)
             self.paths.append(path)
+            self._add_path_counts(path)
         return no
+
+    def _add_path_counts(self, path: _Path) -> None:
+        """The row of path_counts for a path just numbered: +1 input and output for each
+        transform; for the terminal rule +1 input, and +1 output or dropped as it decides for
+        every series on the path (the per-request parts count elsewhere)."""
+        adds: list[tuple[str, int, int, int]] = [(name, 1, 1, 0) for name in path.transforms]
+        t = path.terminal
+        if t is not None:
+            output = dropped = 0
+            if t.action == "drop":
+                dropped = 1
+            elif t.action == "sample" and t.settings.method == "hash":
+                output, dropped = (1, 0) if path.hash_keep else (0, 1)
+            elif t.action == "aggregate" and t.settings.keep_input:
+                output = 1
+            adds.append((t.name, 1, output, dropped))
+        for name, *_ in adds:
+            if name not in self._counted_no:
+                self._counted_no[name] = len(self.counted_rules)
+                self.counted_rules.append(name)
+        rows, width, _ = self.path_counts.shape
+        counts = np.zeros((rows + 1, len(self.counted_rules), 3), dtype=np.int64)
+        counts[:rows, :width] = self.path_counts
+        for name, *unit in adds:
+            counts[rows, self._counted_no[name]] += unit
+        self.path_counts = counts
 
 
 def route_table(engine: RuleEngine, hashes: np.ndarray) -> RouteTable:
@@ -570,8 +624,7 @@ def _govern_cached(
     # sampled and windowed series need to know.
     repeats = False
     if of[SAMPLED].size or of[WINDOW].size:
-        ordered = np.sort(slots)
-        repeats = bool((ordered[1:] == ordered[:-1]).any())
+        repeats = table.repeats(slots)
     # The output is kept series first, then the others (a WriteRequest's series order carries
     # no meaning).
     out = list(map(full.__getitem__, of[KEEP].tolist()))
@@ -749,33 +802,18 @@ _RELABELED_OF = operator.attrgetter("relabeled")
 def _count_routes(
     engine: RuleEngine, table: RouteTable, path_nos: np.ndarray, now_s: float
 ) -> None:
-    """Per-rule counts of one request, per distinct path through the rules, not per series."""
+    """Per-rule counts of one request: the series per path through the rules, times what a
+    series on each path adds to each rule."""
     stats = engine.stats
     per_path = np.bincount(path_nos, minlength=len(table.paths))
-    for no in np.flatnonzero(per_path[1:]).tolist():
-        count = int(per_path[no + 1])
-        path = table.paths[no + 1]
-        assert path is not None
-        transforms, t, hash_keep = path.transforms, path.terminal, path.hash_keep
-        for rule_name in transforms:
-            st = stats[rule_name]
-            st.input += count
-            st.output += count
+    totals = np.tensordot(per_path, table.path_counts, axes=1).tolist()
+    for name, (inputs, outputs, dropped) in zip(table.counted_rules, totals, strict=True):
+        if inputs:
+            st = stats[name]
+            st.input += inputs
+            st.output += outputs
+            st.dropped += dropped
             st.last_match = now_s
-        if t is None:
-            continue
-        st = stats[t.name]
-        st.input += count
-        st.last_match = now_s
-        if t.action == "drop":
-            st.dropped += count
-        elif t.action == "sample" and t.settings.method == "hash":
-            if hash_keep:
-                st.output += count
-            else:
-                st.dropped += count
-        elif t.action == "aggregate" and t.settings.keep_input:
-            st.output += count
 
 
 def govern_each(engine: RuleEngine, data: bytes) -> Governed:
