@@ -209,6 +209,11 @@ def cpu_of(p: psutil.Process) -> float:
     return t.user + t.system
 
 
+def system_cpu_of(p: psutil.Process) -> float:
+    """The kernel's share of a process's CPU time (system calls, page faults)."""
+    return p.cpu_times().system
+
+
 def minor_faults(pid: int) -> int:
     """Minor page faults of `pid` so far (/proc/pid/stat field 10)."""
     stat = Path(f"/proc/{pid}/stat").read_text()
@@ -472,6 +477,8 @@ def run_load(variant: Variant, args: argparse.Namespace, run: int, procs: Procs,
     profile_proc = None
     profile_file = None
     profile_name = args.profile_name + ("_rules" if variant.rules else "") + variant.suffix
+    if variant.tree is not None:  # --compare-tree: the other checkout's profile, apart
+        profile_name += "@" + variant.label.split("@", 1)[1].split("+", 1)[0]
     if target == "governor":
         tel_port, prw_port = free_port(), free_port()
         cfg = tmp / "governor.yaml"
@@ -566,7 +573,7 @@ def run_load(variant: Variant, args: argparse.Namespace, run: int, procs: Procs,
     sampler = Sampler({"proxy": pp, "vm": vmp})
     machine0 = psutil.cpu_times()
     t0 = time.monotonic()
-    cpu0, vm_cpu0 = cpu_of(pp), cpu_of(vmp)
+    cpu0, vm_cpu0, sys0 = cpu_of(pp), cpu_of(vmp), system_cpu_of(pp)
     faults0 = minor_faults(proxy.pid)
     wait0 = runqueue_wait_s(proxy.pid)
     sampler.start()
@@ -629,6 +636,7 @@ def run_load(variant: Variant, args: argparse.Namespace, run: int, procs: Procs,
     t_drained = time.monotonic()
     cpu = cpu_of(pp) - cpu0
     vm_cpu = cpu_of(vmp) - vm_cpu0
+    sys_cpu = system_cpu_of(pp) - sys0
     faults = minor_faults(proxy.pid) - faults0
     rq_wait = runqueue_wait_s(proxy.pid) - wait0
     machine1 = psutil.cpu_times()
@@ -704,6 +712,7 @@ def run_load(variant: Variant, args: argparse.Namespace, run: int, procs: Procs,
         "samples_removed_by_rules": int(removed),
         "rule_stats": rule_stats,
         "cpu_cores_avg": round(cpu / window, 3) if window else None,
+        "system_cpu_share": round(sys_cpu / cpu, 3) if cpu else None,
         "runqueue_wait_s": round(rq_wait, 3),
         "minor_faults_per_request": round(faults / max(1, done["requests_sent"]), 1),
         "peak_rss_mb": round(hwm, 1),
@@ -828,6 +837,7 @@ _FIGURES = [
     ("cpu_cores_avg", "proxy CPU, cores (average)", "{:.3f}"),
     ("cpu_s_per_million_samples", "proxy CPU-s per million samples", "{:.3f}"),
     ("samples_per_cpu_s", "samples per proxy CPU-second", "{:,.0f}"),
+    ("system_cpu_share", "proxy CPU in the kernel (system), share", "{:.3f}"),
     ("runqueue_wait_s", "proxy time waiting for a CPU (runqueue), s", "{:.2f}"),
     ("minor_faults_per_request", "proxy minor page faults per request", "{:.1f}"),
     ("peak_rss_mb", "proxy peak RSS, MB (VmHWM)", "{:.1f}"),
