@@ -61,8 +61,12 @@ def test_a_request_of_one_sample_per_series_gets_its_label_keys(
     items: list[tuple[list[Label], Sample]],
 ) -> None:
     """For any request whose every series is its labels then one sample (any value, any
-    timestamp, labels of any length), prefix_series gives label_keys' keys, and each
-    passes check_labels. An empty request gets None."""
+    timestamp, labels of any length), each key prefix_series gives is the series' label key
+    (label_keys') and passes check_labels, or, where a label's text or a sample's bytes look
+    like a sample's field that runs to the series' end, is not and fails check_labels (the
+    request is then read again: see the misleading request below). With timestamps of today
+    (6-byte varints) and label text without control characters, every key is the label key.
+    An empty request gets None."""
     data = WriteRequest(
         timeseries=[TimeSeries(labels=labels, samples=[s]) for labels, s in items]
     ).SerializeToString()
@@ -70,9 +74,32 @@ def test_a_request_of_one_sample_per_series_gets_its_label_keys(
     if not items:
         assert keys is None
         return
-    assert keys == prw.label_keys(data)
-    for key in keys:
-        prw.check_labels(key)
+    assert keys is not None
+    exact = prw.label_keys(data)
+    for key, want in zip(keys, exact, strict=True):
+        if key != want:
+            with pytest.raises(prw.NotLabels):
+                prw.check_labels(key)
+        else:
+            prw.check_labels(key)
+    if all(s.timestamp == T0_MS for _, s in items) and all(
+        c >= " " for labels, _ in items for lb in labels for c in lb.name + lb.value
+    ):
+        assert keys == exact
+
+
+def test_a_label_that_looks_like_a_sample_field_gives_a_key_that_is_caught() -> None:
+    """A label name "\x12" before a value tag (0x12, read as a length of 18) looks like a
+    sample's field of 18 bytes that runs to the series' end: the key taken is not the labels,
+    and check_labels refuses it."""
+    labels = [Label(name="\x12", value="0000"), Label(name="00\x80")]
+    data = WriteRequest(
+        timeseries=[TimeSeries(labels=labels, samples=[Sample(timestamp=128)])]
+    ).SerializeToString()
+    keys = prefix_keys(data)
+    assert keys is not None and keys != prw.label_keys(data)
+    with pytest.raises(prw.NotLabels):
+        prw.check_labels(keys[0])
 
 
 _series = st.builds(
@@ -254,14 +281,21 @@ def same_floats(a: list[float], b: list[float]) -> bool:
 def test_the_samples_read_with_the_keys_are_the_requests(
     items: list[tuple[list[Label], Sample]],
 ) -> None:
-    """For a request of one sample per series, prefix_series' points are the samples a parser
-    reads, in order, bit for bit; or None, only for a timestamp below 0 (a varint of 10
-    bytes) or for two layouts of the same size in one request."""
+    """For a request of one sample per series whose keys are its label keys (all pass
+    check_labels; otherwise the request is counted again and the points are not used),
+    prefix_series' points are the samples a parser reads, in order, bit for bit; or None, only
+    for a timestamp below 0 (a varint of 10 bytes) or for two layouts of the same size in one
+    request."""
     data = WriteRequest(
         timeseries=[TimeSeries(labels=labels, samples=[s]) for labels, s in items]
     ).SerializeToString()
     got = prw.prefix_series(data, full_of(data))
     assert got is not None
+    try:
+        for key in got.keys:
+            prw.check_labels(key)
+    except prw.NotLabels:
+        return
     samples = [s for _, s in items]
     if got.points is None:
         layouts = {(len(s.SerializeToString()), s.SerializeToString()[:1]) for s in samples}

@@ -389,7 +389,6 @@ class RouteTable:
     __slots__ = (
         "_counted_no",
         "_head_slot",
-        "_marks",
         "_path_no",
         "_sampler_no",
         "cached",
@@ -429,10 +428,9 @@ class RouteTable:
         self.sampler_nos = np.zeros(1024, dtype=np.int32)  # by slot
         self.head_seen = np.zeros(1024, dtype=np.int64)  # by slot: where it is in its count
         self._head_slot: dict[Any, int] = {}  # a head-sampled series' key -> its slot
-        self._marks = np.zeros(1024, dtype=np.int32)  # by slot: scratch for repeats()
         # Per path number, what one series on it adds to each rule's input, output and
-        # dropped counts (rows added as paths are numbered); the rules by column.
-        self.path_counts = np.zeros((1, 0, 3), dtype=np.int64)
+        # dropped counts (a row filled as each path is numbered); the rules by column.
+        self.path_counts = np.zeros((16, 16, 3), dtype=np.int64)  # rows and columns to spare
         self.counted_rules: list[str] = []
         self._counted_no: dict[str, int] = {}
 
@@ -477,14 +475,6 @@ class RouteTable:
         missing = np.flatnonzero(slots < 0)
         slots[missing] = index.lookup(hashes[missing])
         return slots
-
-    def repeats(self, slots: np.ndarray) -> bool:
-        """Whether a slot comes more than once in `slots`: each position is written at its
-        slot, so a slot written twice keeps only its last position."""
-        marks = self._marks = grown(self._marks, len(self.index))
-        at = np.arange(slots.size, dtype=np.int32)
-        marks[slots] = at
-        return not np.array_equal(marks[slots], at)
 
     def move_head(self, key: Any, points: int, n: int) -> int | None:
         """For a series evaluated on its own (RuleEngine.evaluate): where its head count stood,
@@ -567,12 +557,16 @@ class RouteTable:
             if name not in self._counted_no:
                 self._counted_no[name] = len(self.counted_rules)
                 self.counted_rules.append(name)
+        row = len(self.paths) - 1
         rows, width, _ = self.path_counts.shape
-        counts = np.zeros((rows + 1, len(self.counted_rules), 3), dtype=np.int64)
-        counts[:rows, :width] = self.path_counts
+        if row >= rows or len(self.counted_rules) > width:  # room for twice as many
+            grown_rows = max(rows, 2 * (row + 1))
+            grown_width = max(width, 2 * len(self.counted_rules))
+            counts = np.zeros((grown_rows, grown_width, 3), dtype=np.int64)
+            counts[:rows, :width] = self.path_counts
+            self.path_counts = counts
         for name, *unit in adds:
-            counts[rows, self._counted_no[name]] += unit
-        self.path_counts = counts
+            self.path_counts[row, self._counted_no[name]] += unit
 
 
 def route_table(engine: RuleEngine, hashes: np.ndarray) -> RouteTable:
@@ -624,7 +618,8 @@ def _govern_cached(
     # sampled and windowed series need to know.
     repeats = False
     if of[SAMPLED].size or of[WINDOW].size:
-        repeats = table.repeats(slots)
+        ordered = np.sort(slots[np.concatenate((of[SAMPLED], of[WINDOW]))])
+        repeats = bool((ordered[1:] == ordered[:-1]).any())
     # The output is kept series first, then the others (a WriteRequest's series order carries
     # no meaning).
     out = list(map(full.__getitem__, of[KEEP].tolist()))
@@ -806,7 +801,8 @@ def _count_routes(
     series on each path adds to each rule."""
     stats = engine.stats
     per_path = np.bincount(path_nos, minlength=len(table.paths))
-    totals = np.tensordot(per_path, table.path_counts, axes=1).tolist()
+    counts = table.path_counts[: per_path.size, : len(table.counted_rules)]
+    totals = np.tensordot(per_path, counts, axes=1).tolist()
     for name, (inputs, outputs, dropped) in zip(table.counted_rules, totals, strict=True):
         if inputs:
             st = stats[name]
