@@ -33,7 +33,7 @@ from service.codec.errors import BadProtobuf
 from service.governance.cardinality import hash_array
 from service.governance.engine import PASS_ROUTE, RuleEngine, SeriesKey
 from service.governance.rules import Rule
-from service.governance.series_index import SeriesIndex, grown
+from service.governance.series_index import SeriesIndex, all_of, any_of, grown, positions
 from service.governance.window_columns import (
     AggregateColumns,
     DownsampleColumns,
@@ -294,7 +294,7 @@ def prefix_series(data: bytes, full: list[bytes]) -> Prefixed | None:
     else:
         return None
     tail = int(tails[0])
-    uniform = bool((tails == tail).all())
+    uniform = all_of(tails == tail)
     if uniform:  # the usual request: every sample the same size
         keys = list(map(operator.getitem, full, itertools.repeat(_CUT_TAIL[tail])))
     else:
@@ -323,7 +323,7 @@ def _sample_points(
         block = buf[(ends[rows] - size)[:, None] + _BYTE_OFFSETS[:size]]
         layout = _layout(size, int(block[0, 0]))
         # Every sample of this size in the layout (tags, and which bytes of the varint go on).
-        if layout is None or not ((block & layout[0]) == layout[1]).all():
+        if layout is None or not all_of((block & layout[0]) == layout[1]):
             return None
         if layout[2]:
             values[rows] = block[:, 1:9].copy().view("<f8").ravel()
@@ -602,11 +602,11 @@ def _govern_cached(
     table = route_table(engine, hashes)
     slots = table.slots(engine, keys, hashes)
     path_nos = table.path_nos[slots]
-    if not path_nos.any():  # no rule touches any of them
+    if not any_of(path_nos):  # no rule touches any of them
         return Governed(None, n, n, n, 0, 0, n, 0)
     now_ms = engine.clock_ms()
     disposition = table.dispositions[slots]
-    if not disposition.any():  # all KEEP
+    if not any_of(disposition):  # all KEEP
         _count_routes(engine, table, path_nos, now_ms / 1000)
         return Governed(None, n, n, n, 0, 0, n, 0)
     _count_routes(engine, table, path_nos, now_ms / 1000)
@@ -619,7 +619,7 @@ def _govern_cached(
     repeats = False
     if of[SAMPLED].size or of[WINDOW].size:
         ordered = np.sort(slots[np.concatenate((of[SAMPLED], of[WINDOW]))])
-        repeats = bool((ordered[1:] == ordered[:-1]).any())
+        repeats = any_of(ordered[1:] == ordered[:-1])
     # The output is kept series first, then the others (a WriteRequest's series order carries
     # no meaning).
     out = list(map(full.__getitem__, of[KEEP].tolist()))
@@ -634,7 +634,7 @@ def _govern_cached(
         kept_at = _sampled(engine, table, at, slots[at], repeats)
         relabel = table.relabels[slots[kept_at]]
         out += map(full.__getitem__, kept_at[~relabel].tolist())
-        if relabel.any():
+        if any_of(relabel):
             _splice(out, full, keys, cached, kept_at[relabel], slots[kept_at[relabel]])
             relabeled_any = True
     at = of[DYNAMIC]
@@ -679,12 +679,12 @@ def _sampled(
     rate = table.sampler_rate[nos]
     keep = np.zeros(at.size, dtype=bool)
     prob = rate == rate
-    if prob.any():
-        p = np.flatnonzero(prob)
+    if any_of(prob):
+        p = positions(prob)
         rand = engine.rand
         keep[p] = np.array([rand() for _ in range(p.size)]) < rate[p]
-    if not prob.all():
-        h = np.flatnonzero(~prob)
+    if not all_of(prob):
+        h = positions(~prob)
         head_slots, n = slots[h], table.sampler_n[nos[h]]
         seen_of = table.head_seen
         # A series twice in the request: its points in turn.
@@ -777,7 +777,7 @@ def _add_to_columns(
     ts, values = _points_at(full, at, samples)
     nos = table.column_nos[slots]
     first = int(nos[0])
-    groups = [(first, slice(None))] if (nos == first).all() else None
+    groups = [(first, slice(None))] if all_of(nos == first) else None
     if groups is None:
         groups = [(no, np.flatnonzero(nos == no)) for no in np.unique(nos).tolist()]
     for no, sel in groups:

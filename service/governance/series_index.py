@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["SeriesIndex", "grown"]
+__all__ = ["SeriesIndex", "all_of", "any_of", "grown", "positions"]
 
 _WIDTH = 8  # cells a bucket
 # A bucket is one row of 12 uint64: 8 keys, then their 8 slots as int32 pairs, so the slot comes
@@ -26,6 +26,26 @@ _EMPTY = 0
 # only if one hashes to 0 and the other to this: as likely as any 64-bit collision).
 _ZERO_ALIAS = 0x9E3779B97F4A7C15
 _MIN_BUCKETS = 128
+
+
+# A request's arrays are small (hundreds to thousands of items), where a NumPy call's own cost
+# decides: count_nonzero takes ~0.25 us, a.all() or a.any() ~1-1.3 us (a reduction set up through
+# a Python wrapper), and a.nonzero()[0] ~0.5 us against ~1.35 for np.flatnonzero(a).
+
+
+def all_of(a: np.ndarray) -> bool:
+    """Whether every item of `a` is true (nonzero)."""
+    return bool(np.count_nonzero(a) == a.size)
+
+
+def any_of(a: np.ndarray) -> bool:
+    """Whether some item of `a` is true (nonzero)."""
+    return bool(np.count_nonzero(a))
+
+
+def positions(a: np.ndarray) -> np.ndarray:
+    """The positions of the true (nonzero) items of a 1-D array, in order."""
+    return a.nonzero()[0]
 
 
 def grown(a: np.ndarray, size: int, fill: float | int = 0) -> np.ndarray:
@@ -52,7 +72,7 @@ class SeriesIndex:
 
     def lookup(self, hashes: np.ndarray) -> np.ndarray:
         """The slot of each hash (a uint64 array), -1 where the table does not hold it."""
-        if not hashes.all():
+        if not all_of(hashes):
             hashes = np.where(hashes == _EMPTY, np.uint64(_ZERO_ALIAS), hashes)
         table, mask = self._rows, self._mask
         bucket = hashes & np.uint64(mask)
@@ -63,7 +83,7 @@ class SeriesIndex:
         at = np.arange(hashes.size)
         out = np.where(eq[at, col], rows.view(np.int32)[at, _SLOT0 + col], -1).astype(np.int64)
         # Not in its bucket: in a later one only if that one is full.
-        todo = np.flatnonzero((out < 0) & (rows[:, _WIDTH - 1] != _EMPTY))
+        todo = positions((out < 0) & (rows[:, _WIDTH - 1] != _EMPTY))
         while todo.size:
             bucket[todo] = (bucket[todo] + np.uint64(1)) & np.uint64(mask)
             rows = table[bucket[todo]]

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from service.governance.series_index import grown
+from service.governance.series_index import all_of, any_of, grown, positions
 from service.governance.windows import AggregateState, DownsampleState, _Group, _SeriesWindow
 
 __all__ = ["AggregateColumns", "DownsampleColumns", "columns_fit", "rounds"]
@@ -154,11 +154,11 @@ class _Columns:
         skipped, points of windows already emitted counted as late."""
         state = self.state
         ok = values == values
-        if not ok.all():
+        if not all_of(ok):
             slots, ts, values = slots[ok], ts[ok], values[ok]
         starts = ts - ts % state.interval_ms
         late = self._late(starts)
-        if late.any():
+        if any_of(late):
             state.late += int(late.sum())
             keep = ~late
             slots, ts, values, starts = slots[keep], ts[keep], values[keep], starts[keep]
@@ -170,7 +170,7 @@ class _Columns:
         if not starts.size:
             return []
         first = int(starts[0])
-        if (starts == first).all():
+        if all_of(starts == first):
             return [(first, slice(None))]
         return [(w, np.flatnonzero(starts == w)) for w in np.unique(starts).tolist()]
 
@@ -386,9 +386,9 @@ class AggregateColumns(_Columns):
         """Counters' increases, in arrival order over the whole request (a late point may come
         before an on-time one of the same series): each against the value before it."""
         counter = self.counter_row[rows]
-        if not counter.any():
+        if not any_of(counter):
             return None
-        at = np.flatnonzero(counter)
+        at = positions(counter)
         inc = np.zeros(rows.size)
         crows, cv = rows[at], values[at]
         for once in rounds(crows) if repeats else (slice(None),):
@@ -433,7 +433,7 @@ class AggregateColumns(_Columns):
         rank[order] = np.arange(t.size)
         best = np.full(n_groups, -1, dtype=np.int64)
         np.maximum.at(best, g, rank)
-        has = np.flatnonzero(best >= 0)
+        has = positions(best >= 0)
         pick = order[best[has]]
         later = t[pick] >= acc.last_t[has]
         acc.last_t[has[later]] = t[pick[later]]
