@@ -280,8 +280,10 @@ class Governance:
             g = prw_gov.govern(self.engine, data, counts_after, keys_ids, samples, framed)
             if changed is not None and g.data is None:
                 g = attrs.evolve(g, data=data)
-            if changed is None:  # govern counted the request itself (exactly, if it found
-                return g  # a key taken before a sample to be more than labels)
+            # Unless the limits rewrote it, govern counted the request itself: exactly, also
+            # when it found a key taken before a sample to be more than labels.
+            if changed is None:
+                return g
             return attrs.evolve(
                 g,
                 removed=g.removed + removed,

@@ -65,14 +65,12 @@ class _Acc:
     def __init__(self, size: int) -> None:
         for name, dtype, fill in self.FIELDS:
             setattr(self, name, np.full(size, fill, dtype=dtype))
-        self.capacity = size
 
     def grow(self, size: int) -> None:
-        if size <= self.capacity:
+        if size <= self.count.size:  # every field has as many rows as count
             return
         for name, _, fill in self.FIELDS:
             setattr(self, name, grown(getattr(self, name), size, fill))
-        self.capacity = self.count.size
 
 
 class _SeriesAcc(_Acc):
