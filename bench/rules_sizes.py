@@ -1,7 +1,7 @@
 """The rules through governance's remote-write stage, by request size, against the plain path.
 
     .venv/bin/python bench/rules_sizes.py [--sizes 500,2000] [--series 180000] [--rounds 7]
-        [--compare-tree DIR]
+        [--compare-tree DIR] [--idle-ms 0]
 
 For each request size, `--series` distinct series (bench/workload.py: 10 labels, one sample) are
 cut into requests of that many series and sent round after round, one second of clock apart,
@@ -10,7 +10,9 @@ receiver calls it; the windows due after each round are emitted and encoded as g
 does. In the same round the same requests go through `prw.count`, the receiver's work without
 rules. Figures: µs of CPU per sample for each, and what the rules add, the median over the
 rounds after two warm-up rounds (the first sight of every series is not in it). Requests are
-rendered before each round and not timed.
+rendered before each round and not timed. `--idle-ms` sleeps (untimed) before each call, as
+governor's CPU idles between requests end to end (see bench/stats.py: each request then starts
+with cold caches).
 
 --compare-tree DIR runs the same cases with the code of another checkout (a `git worktree add`
 of an older commit), each case in its own process and in turn with this checkout's, so both
@@ -34,7 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 
 
-def run_case(tree: Path, size: int, series: int, rounds: int) -> dict[str, float]:
+def run_case(
+    tree: Path, size: int, series: int, rounds: int, idle_s: float = 0.0
+) -> dict[str, float]:
     """One case in this process, with `service` imported from `tree`."""
     sys.path.insert(0, str(tree))
     sys.path.append(str(ROOT / "bench"))
@@ -59,21 +63,30 @@ def run_case(tree: Path, size: int, series: int, rounds: int) -> dict[str, float
     pool = workload.build_pool(max(1, series // size), size)
     n = len(pool) * size
     ruled, plain = [], []
+    clock = time.process_time
     for r in range(rounds + 2):
         datas = [workload.render(t, now[0]) for t in pool]
-        t0 = time.process_time()
+        ruled_s = plain_s = 0.0
         for d in datas:
+            if idle_s:
+                time.sleep(idle_s)
+            t0 = clock()
             gov.prw(d)
+            ruled_s += clock() - t0
+        t0 = clock()
         emitted = engine.due()
         if emitted:
             gov_prw.encode(emitted)
-        t1 = time.process_time()
+        ruled_s += clock() - t0
         for d in datas:
+            if idle_s:
+                time.sleep(idle_s)
+            t0 = clock()
             prw_codec.count(d)
-        t2 = time.process_time()
+            plain_s += clock() - t0
         if r >= 2:
-            ruled.append((t1 - t0) / n * 1e6)
-            plain.append((t2 - t1) / n * 1e6)
+            ruled.append(ruled_s / n * 1e6)
+            plain.append(plain_s / n * 1e6)
         now[0] += 1000
     extra = [a - b for a, b in zip(ruled, plain, strict=True)]
     return {
@@ -93,6 +106,8 @@ def spawn(tree: Path, size: int, args: argparse.Namespace) -> dict[str, float]:
         str(args.series),
         "--rounds",
         str(args.rounds),
+        "--idle-ms",
+        str(args.idle_ms),
     ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1800).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -104,14 +119,21 @@ def main() -> None:
     p.add_argument("--series", type=int, default=180_000, help="distinct series")
     p.add_argument("--rounds", type=int, default=7, help="measured rounds (after 2 warm-up)")
     p.add_argument("--compare-tree", type=Path, help="another checkout, measured in turn")
+    p.add_argument("--idle-ms", type=float, default=0.0, help="sleep before each call (untimed)")
     p.add_argument("--case", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.case:
         case = json.loads(args.case)
-        print(json.dumps(run_case(Path(case["tree"]), case["size"], args.series, args.rounds)))
+        result = run_case(
+            Path(case["tree"]), case["size"], args.series, args.rounds, args.idle_ms / 1000
+        )
+        print(json.dumps(result))
         return
     trees = [("this", ROOT)] + ([("that", args.compare_tree)] if args.compare_tree else [])
-    print(f"{args.series:,} series, rules file bench/rules_realistic.yaml, µs of CPU a sample")
+    print(
+        f"{args.series:,} series, rules file bench/rules_realistic.yaml, µs of CPU a sample"
+        + (f", {args.idle_ms:g} ms idle before each call" if args.idle_ms else "")
+    )
     sys.stdout.flush()
     for size in (int(s) for s in args.sizes.split(",")):
         got = {name: spawn(tree, size, args) for name, tree in trees}

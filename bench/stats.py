@@ -2,6 +2,7 @@
 in CPU and in memory (issue 6).
 
     .venv/bin/python bench/stats.py [--only overhead,limits,memory] [--repeat 5] [--seconds 1]
+                                    [--idle-ms 0]
                                     [--cases basic,full,full-labels] [--limits-repeat 3]
                                     [--no-limits-tracemalloc] [--json-out PATH]
 
@@ -14,6 +15,12 @@ round's time, then governor's tick (`Governance.due()`, the limits' `prune`, the
 the clock moves `--step` (15 s) per round, the stats and limits windows are 60 s, so a window sees
 4 rounds. Only the governance calls and the tick are timed (time.process_time around each);
 rendering the requests is not. Figures are samples per CPU-second.
+
+`--idle-ms` makes the process sleep (untimed) before each request. End to end, governor's CPU is
+busy a third of the time or less and idles between requests, so each request starts with its
+code and data out of the CPU's caches; back to back, the loop keeps them warm. Work made of many
+small NumPy calls pays for that far more than one C-level parse: with 4 ms idle the loop shows
+the end-to-end cost of a request (bench/RESULTS.md), without it a third to a half less.
 
 1. Stats overhead (`overhead`): 100k active series (`--series`: 100 requests of 1000) through
    `none`, `basic` (datapoints per metric name), `full` (also active series per metric and top label
@@ -128,12 +135,19 @@ def rss() -> int:
 # ---- running rounds ---------------------------------------------------------------------------
 
 
+def _no_sleep(_: float) -> None:
+    pass
+
+
 class Case:
     """One configuration under test: its Governance (None: the receiver's `prw.count` alone),
     its own clock, and the CPU-seconds and samples of each repetition."""
 
-    def __init__(self, name: str, make: Callable[[Clock], Governance | None]) -> None:
+    def __init__(
+        self, name: str, make: Callable[[Clock], Governance | None], idle_s: float = 0.0
+    ) -> None:
         self.name = name
+        self.idle_s = idle_s
         self.clock = Clock()
         self.gov = make(self.clock)
         self.changed = 0  # requests the governance rewrote (limits: should stay 0)
@@ -141,14 +155,17 @@ class Case:
         self.first_round_us: float | None = None  # µs per series of the very first round
 
     def round(self, pool: list[list[bytes]], step_s: float) -> float:
-        """Every request of the pool once at the clock's time, then the tick; the CPU-seconds."""
-        clock, gov = self.clock, self.gov
+        """Every request of the pool once at the clock's time, then the tick; the CPU-seconds.
+        With `idle_s`, the process sleeps that long (untimed) before each request."""
+        clock, gov, idle_s = self.clock, self.gov, self.idle_s
         cpu = 0.0
         process_time = time.process_time
+        sleep = time.sleep if idle_s > 0 else _no_sleep
         if gov is None:
             count = prw_codec.count
             for tpl in pool:
                 data = workload.render(tpl, clock.ms)
+                sleep(idle_s)
                 c0 = process_time()
                 count(data)
                 cpu += process_time() - c0
@@ -157,6 +174,7 @@ class Case:
             changed = 0
             for tpl in pool:
                 data = workload.render(tpl, clock.ms)
+                sleep(idle_s)
                 c0 = process_time()
                 g = govern(data)
                 cpu += process_time() - c0
@@ -295,7 +313,8 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
         f"\n1. stats overhead: {n_req * SERIES_PER_REQUEST:,} active series ({n_req} requests of"
         f" {SERIES_PER_REQUEST}), {args.step:g} s per round, {WINDOW_S:g} s windows; median of"
         f" {args.repeat} repetitions of whole windows, >= {args.seconds:g} CPU-s each;"
-        f" stats.labels {args.stats_labels}",
+        f" stats.labels {args.stats_labels}"
+        + (f"; {args.idle_ms:g} ms idle before each request" if args.idle_ms else ""),
         flush=True,
     )
     pool = workload.build_pool(n_req, SERIES_PER_REQUEST, seed=1)
@@ -305,8 +324,9 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
         "full": ("full", stats_gov("full", [])),
         "full-labels": ("full + stats.labels", stats_gov("full", labels)),
     }
-    cases = [Case("none (prw.count)", stats_gov("none", []))]
-    cases += [Case(*plan[key]) for key in args.cases]
+    idle_s = args.idle_ms / 1000
+    cases = [Case("none (prw.count)", stats_gov("none", []), idle_s)]
+    cases += [Case(*plan[key], idle_s) for key in args.cases]
     period = max(1, round(WINDOW_S / args.step))
     take_turns(cases, pool, args, args.repeat, args.seconds, period, args.max_rounds)
     rows = summarise(cases, args.e2e_us)
@@ -689,6 +709,13 @@ def main(argv: list[str] | None = None) -> int:
         help="overhead: cases besides none (basic, full, full-labels), comma-separated",
     )
     p.add_argument("--step", type=float, default=15.0, help="seconds between rounds (scrape)")
+    p.add_argument(
+        "--idle-ms",
+        type=float,
+        default=0.0,
+        help="overhead: ms the process sleeps (untimed) before each request, as governor's CPU"
+        " idles between requests end to end",
+    )
     p.add_argument(
         "--stats-labels",
         default="namespace,container",

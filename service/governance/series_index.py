@@ -26,6 +26,7 @@ _EMPTY = 0
 # only if one hashes to 0 and the other to this: as likely as any 64-bit collision).
 _ZERO_ALIAS = 0x9E3779B97F4A7C15
 _MIN_BUCKETS = 128
+_MISSING = np.int64(-1)  # a slot not found (an int64 scalar: lookup's slots are int64)
 
 
 # A request's arrays are small (hundreds to thousands of items), where a NumPy call's own cost
@@ -76,23 +77,22 @@ class SeriesIndex:
             hashes = np.where(hashes == _EMPTY, np.uint64(_ZERO_ALIAS), hashes)
         table, mask = self._rows, self._mask
         bucket = hashes & np.uint64(mask)
-        # One round for all (as few NumPy calls as can be: each costs ~1-3 us a request).
+        # One round for all, in as few NumPy calls as can be (each costs ~1-3 us a request
+        # warm, several times that with the caches cold): a bucket's cells hold distinct
+        # hashes, so the largest of its slots where the hash matches, or -1, is the slot.
         rows = table[bucket]
         eq = rows[:, :_WIDTH] == hashes[:, None]
-        col = eq.argmax(axis=1)
-        at = np.arange(hashes.size)
-        out = np.where(eq[at, col], rows.view(np.int32)[at, _SLOT0 + col], -1).astype(np.int64)
+        out = np.where(eq, rows.view(np.int32)[:, _SLOT0:], _MISSING).max(axis=1)
+        if out.min(initial=0) >= 0:
+            return out
         # Not in its bucket: in a later one only if that one is full.
         todo = positions((out < 0) & (rows[:, _WIDTH - 1] != _EMPTY))
         while todo.size:
             bucket[todo] = (bucket[todo] + np.uint64(1)) & np.uint64(mask)
             rows = table[bucket[todo]]
             eq = rows[:, :_WIDTH] == hashes[todo, None]
-            col = eq.argmax(axis=1)
-            at = np.arange(todo.size)
-            hit = eq[at, col]
-            out[todo[hit]] = rows.view(np.int32)[at[hit], _SLOT0 + col[hit]]
-            todo = todo[~hit & (rows[:, _WIDTH - 1] != _EMPTY)]
+            out[todo] = np.where(eq, rows.view(np.int32)[:, _SLOT0:], _MISSING).max(axis=1)
+            todo = todo[(out[todo] < 0) & (rows[:, _WIDTH - 1] != _EMPTY)]
         return out
 
     def unseen(self, hashes: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

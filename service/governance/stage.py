@@ -306,9 +306,9 @@ class Governance:
         facts worked out and a new slot."""
         index = self._index
         slots = index.lookup(hashes)
-        missing = np.flatnonzero(slots < 0)
-        if not missing.size:
+        if slots.min(initial=0) >= 0:
             return slots
+        missing = np.flatnonzero(slots < 0)
         if len(index) + missing.size > self.series_cache and len(index):
             # Room for the request's new series: the older half goes, or more if need be (a
             # request's series all get a slot; prw() trims the cache after the request).
