@@ -585,3 +585,23 @@ def test_frame_is_the_protobuf_serialization(req: remote_pb2.WriteRequest, long:
     decoded = remote_pb2.WriteRequest.FromString(framed)
     assert [ts.SerializeToString() for ts in decoded.timeseries] == series
     assert list(decoded.metadata) == list(req.metadata)
+
+
+@settings(max_examples=100)
+@given(req=_requests, cut=st.integers(0, 400), long=st.integers(0, 2))
+def test_frame_of_spliced_series_is_the_serialization_of_the_joined_series(
+    req: remote_pb2.WriteRequest, cut: int, long: int
+) -> None:
+    """Series given in two parts each (`spliced`, as the rules' relabeled series are: new
+    labels, then the bytes after the old ones) are framed after the others exactly as the
+    joined parts would be, at any split point and any length (past the 4096-length table)."""
+    big = types_pb2.TimeSeries(labels=[types_pb2.Label(name="a", value="v" * 5000)])
+    series = [ts.SerializeToString() for ts in req.timeseries] + [big.SerializeToString()] * long
+    metadata = [m.SerializeToString() for m in req.metadata]
+    half = len(series) // 2
+    plain, split = series[:half], series[half:]
+    firsts = [s[: min(cut, len(s))] for s in split]
+    seconds = [s[min(cut, len(s)) :] for s in split]
+    framed = prw.frame(plain, metadata, spliced=(firsts, seconds))
+    assert framed == SeriesBytes(timeseries=series, metadata=metadata).SerializeToString()
+    assert prw.frame(plain, spliced=([], [])) == prw.frame(plain)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import struct
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -304,6 +305,46 @@ def test_the_samples_read_with_the_keys_are_the_requests(
         return
     assert got.points.timestamps.tolist() == [s.timestamp for s in samples]
     assert same_floats(got.points.values.tolist(), [s.value for s in samples])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(_labels, _sample), min_size=1, max_size=8), st.randoms())
+def test_the_usual_request_is_read_as_the_general_path_reads_it(
+    items: list[tuple[list[Label], Sample]], rnd: random.Random
+) -> None:
+    """prefix_series reads a request whose samples are all of one size and layout by C-level
+    passes over its series; any request can also be read by the general array path
+    (_prefix_mixed). Where the keys of both pass check_labels, both give the same keys and the
+    same points; and Points.at(rows), which decodes only those rows, gives those rows of the
+    points."""
+    data = WriteRequest(
+        timeseries=[TimeSeries(labels=labels, samples=[s]) for labels, s in items]
+    ).SerializeToString()
+    full = full_of(data)
+    got = prw.prefix_series(data, full)
+    general = prw._prefix_mixed(data, full, np.array(list(map(len, full)), dtype=np.int64))
+    assert got is not None and general is not None
+    try:
+        for key in got.keys + general.keys:
+            prw.check_labels(key)
+    except prw.NotLabels:
+        return
+    assert got.keys == general.keys
+    assert (got.points is None) == (general.points is None)
+    if got.points is None or general.points is None:
+        return
+    assert got.points.timestamps.tolist() == general.points.timestamps.tolist()
+    assert same_floats(got.points.values.tolist(), general.points.values.tolist())
+    rows = np.array(sorted(rnd.sample(range(len(items)), rnd.randint(0, len(items)))), dtype=int)
+    for points in (got.points, general.points):
+        ts, values = points.at(rows)
+        assert ts.tolist() == points.timestamps[rows].tolist()
+        assert same_floats(values.tolist(), points.values[rows].tolist())
+    lazy = prw.prefix_series(data, full)  # decoded by rows only: never as a whole
+    assert lazy is not None and lazy.points is not None
+    ts, values = lazy.points.at(rows)
+    assert ts.tolist() == [items[i][1].timestamp for i in rows.tolist()]
+    assert same_floats(values.tolist(), [items[i][1].value for i in rows.tolist()])
 
 
 def _field_varint(field: int, value: int) -> bytes:

@@ -417,9 +417,8 @@ def _decode(block: np.ndarray, layout: _Layout) -> tuple[np.ndarray, np.ndarray]
         values = block[:, 1:9].copy().view("<f8").ravel()
     else:
         values = np.zeros(block.shape[0], dtype=np.float64)
-    if at < size:
-        digits = (block[:, at:] & 0x7F).astype(np.uint64) << _VARINT_SHIFTS[: size - at]
-        timestamps = digits.sum(axis=1, dtype=np.uint64).view(np.int64)
+    if at < size:  # each varint's 7-bit digits times their weights, in one product
+        timestamps = ((block[:, at:] & 0x7F) @ _VARINT_WEIGHTS[: size - at]).view(np.int64)
     else:
         timestamps = np.zeros(block.shape[0], dtype=np.int64)
     return timestamps, values
@@ -480,7 +479,7 @@ _FRAMED_LAYOUTS: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, _Layout] | 
 _BYTE_OFFSETS = np.arange(20, dtype=np.int64)
 _CUT_TAIL = [slice(None, -k if k else None) for k in range(23)]  # a series' bytes less k
 _LAST = [slice(-k, None) for k in range(23)]  # a series' last k bytes (k > 0)
-_VARINT_SHIFTS = np.arange(0, 63, 7, dtype=np.uint64)
+_VARINT_WEIGHTS = np.uint64(1) << np.arange(0, 63, 7, dtype=np.uint64)  # 2^0, 2^7, ... 2^56
 
 
 def check_labels(key: bytes) -> None:
@@ -741,10 +740,13 @@ def _govern_cached(
     # no meaning).
     out = list(map(full.__getitem__, of[KEEP].tolist()))
     cached = table.cached
+    # Relabeled series go out as their new labels and the bytes after their old ones, framed
+    # without joining the two first.
+    spliced: tuple[list[bytes], list[bytes]] = ([], [])
     relabeled_any = False
     at = of[RELABEL]
     if at.size:
-        _splice(out, full, keys, cached, at, slots[at])
+        _splice(spliced, full, keys, cached, at, slots[at])
         relabeled_any = True
     at = of[SAMPLED]
     if at.size:
@@ -752,7 +754,7 @@ def _govern_cached(
         relabel = table.relabels[slots[kept_at]]
         out += map(full.__getitem__, kept_at[~relabel].tolist())
         if any_of(relabel):
-            _splice(out, full, keys, cached, kept_at[relabel], slots[kept_at[relabel]])
+            _splice(spliced, full, keys, cached, kept_at[relabel], slots[kept_at[relabel]])
             relabeled_any = True
     at = of[DYNAMIC]
     if at.size:
@@ -762,15 +764,15 @@ def _govern_cached(
     at = of[WINDOW]
     if at.size:
         _add_to_columns(engine, table, full, at, slots[at], samples, now_ms, repeats)
-    kept = len(out)
+    kept = len(out) + len(spliced[0])
     if kept == n and not relabeled_any:
         return Governed(None, n, n, n, 0, 0, n, 0)  # all went on as they came (keep_input ...)
-    new = prw_codec.frame(out)
+    new = prw_codec.frame(out, spliced=spliced)
     return Governed(new, kept, kept, kept, 0, n - kept, n, 0)
 
 
 def _splice(
-    out: list[bytes],
+    spliced: tuple[list[bytes], list[bytes]],
     full: list[bytes],
     keys: list[bytes],
     cached: list[_Cached],
@@ -778,11 +780,12 @@ def _splice(
     slots: np.ndarray,
 ) -> None:
     """Series `at` (their slots; each starts with its labels) with the labels the rules leave
-    them, onto `out`: the new labels + the series' bytes after its labels, spliced in C."""
+    them, onto `spliced`: their new labels, and their bytes after their labels."""
     where = at.tolist()
-    after = map(bytes.removeprefix, map(full.__getitem__, where), map(keys.__getitem__, where))
-    new_labels = map(_RELABELED_OF, map(cached.__getitem__, slots.tolist()))
-    out += map(operator.add, new_labels, after)
+    spliced[0].extend(map(_RELABELED_OF, map(cached.__getitem__, slots.tolist())))
+    spliced[1].extend(
+        map(bytes.removeprefix, map(full.__getitem__, where), map(keys.__getitem__, where))
+    )
 
 
 def _sampled(
@@ -793,6 +796,19 @@ def _sampled(
     evaluating them one by one does); a head rule keeps a series' point when its count is at 0,
     and moves the count on."""
     nos = table.sampler_nos[slots]
+    first = int(nos[0])
+    if all_of(nos == first):  # one rule samples them all (the usual request)
+        rule, _ = table.samplers[first]
+        if rule.settings.method == "head":
+            keep = _head_kept(table, slots, int(table.sampler_n[first]), repeats)
+        else:
+            rand = engine.rand
+            keep = np.array([rand() for _ in range(at.size)]) < rule.settings.rate
+        kept = int(np.count_nonzero(keep))
+        st = engine.stats[rule.name]
+        st.output += kept
+        st.dropped += at.size - kept
+        return at[keep]
     rate = table.sampler_rate[nos]
     keep = np.zeros(at.size, dtype=bool)
     prob = rate == rate
@@ -802,14 +818,7 @@ def _sampled(
         keep[p] = np.array([rand() for _ in range(p.size)]) < rate[p]
     if not all_of(prob):
         h = positions(~prob)
-        head_slots, n = slots[h], table.sampler_n[nos[h]]
-        seen_of = table.head_seen
-        # A series twice in the request: its points in turn.
-        for once in rounds(head_slots) if repeats else (slice(None),):
-            s = head_slots[once]
-            seen = seen_of[s]
-            keep[h[once]] = seen == 0
-            seen_of[s] = (seen + 1) % n[once]
+        keep[h] = _head_kept(table, slots[h], table.sampler_n[nos[h]], repeats)
     per_rule = np.bincount(nos, minlength=len(table.samplers))
     kept = np.bincount(nos[keep], minlength=len(table.samplers))
     for no in np.flatnonzero(per_rule).tolist():
@@ -817,6 +826,22 @@ def _sampled(
         st.output += int(kept[no])
         st.dropped += int(per_rule[no] - kept[no])
     return at[keep]
+
+
+def _head_kept(
+    table: RouteTable, slots: np.ndarray, n: np.ndarray | int, repeats: bool
+) -> np.ndarray:
+    """Which points of head-sampled series (their slots; `n`: each one's, or all's) are kept:
+    those where the series' count is at 0; the counts move on."""
+    keep = np.zeros(slots.size, dtype=bool)
+    seen_of = table.head_seen
+    # A series twice in the request: its points in turn.
+    for once in rounds(slots) if repeats else (slice(None),):
+        s = slots[once]
+        seen = seen_of[s]
+        keep[once] = seen == 0
+        seen_of[s] = (seen + 1) % (n[once] if isinstance(n, np.ndarray) else n)
+    return keep
 
 
 def _points_at(full: list[bytes], at: np.ndarray, samples: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -918,8 +943,9 @@ def _count_routes(
     series on each path adds to each rule."""
     stats = engine.stats
     per_path = np.bincount(path_nos, minlength=len(table.paths))
-    counts = table.path_counts[: per_path.size, : len(table.counted_rules)]
-    totals = np.tensordot(per_path, counts, axes=1).tolist()
+    width = table.path_counts.shape[1]
+    counts = table.path_counts[: per_path.size].reshape(per_path.size, width * 3)  # a view
+    totals = (per_path @ counts).reshape(width, 3)[: len(table.counted_rules)].tolist()
     for name, (inputs, outputs, dropped) in zip(table.counted_rules, totals, strict=True):
         if inputs:
             st = stats[name]

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from service.governance.series_index import all_of, any_of, grown, positions
+from service.governance.series_index import any_of, grown, positions
 from service.governance.windows import AggregateState, DownsampleState, _Group, _SeriesWindow
 
 __all__ = ["AggregateColumns", "DownsampleColumns", "columns_fit", "rounds"]
@@ -147,32 +147,36 @@ class _Columns:
 
     def _admit(
         self, slots: np.ndarray, ts: np.ndarray, values: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """The points to add, as (rows, ts, values, window starts), in arrival order: NaN values
-        skipped, points of windows already emitted counted as late."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, Any]]]:
+        """The points to add, as (rows, ts, values, [(window start, their positions)]), in
+        arrival order: NaN values skipped, points of windows already emitted counted as late.
+        The usual request, no NaN and one window, takes four NumPy calls."""
         state = self.state
-        ok = values == values
-        if not all_of(ok):
+        top = float(values.max()) if values.size else 0.0
+        if top != top:  # a NaN (the largest is NaN when any is): skip the NaN values
+            ok = values == values
             slots, ts, values = slots[ok], ts[ok], values[ok]
-        starts = ts - ts % state.interval_ms
+        if not ts.size:
+            return self.row_of[slots], ts, values, []
+        interval = state.interval_ms
+        low, high = int(ts.min()), int(ts.max())
+        start = low - low % interval
+        if high - high % interval == start:  # one window for all
+            if self._late(start):
+                state.late += int(ts.size)
+                return self.row_of[slots[:0]], ts[:0], values[:0], []
+            return self.row_of[slots], ts, values, [(start, slice(None))]
+        starts = ts - ts % interval
         late = self._late(starts)
         if any_of(late):
             state.late += int(late.sum())
             keep = ~late
             slots, ts, values, starts = slots[keep], ts[keep], values[keep], starts[keep]
-        return self.row_of[slots], ts, values, starts
+        by_window = [(w, positions(starts == w)) for w in np.unique(starts).tolist()]
+        return self.row_of[slots], ts, values, by_window
 
-    @staticmethod
-    def _by_window(starts: np.ndarray) -> list[tuple[int, Any]]:
-        """(window start, positions of its points): usually one window for a whole request."""
-        if not starts.size:
-            return []
-        first = int(starts[0])
-        if all_of(starts == first):
-            return [(first, slice(None))]
-        return [(w, np.flatnonzero(starts == w)) for w in np.unique(starts).tolist()]
-
-    def _late(self, starts: np.ndarray) -> np.ndarray:
+    def _late(self, starts: Any) -> Any:
+        """Whether points of these window starts (an array, or one int) are late."""
         raise NotImplementedError
 
     def add(
@@ -185,10 +189,12 @@ class _Columns:
     ) -> None:
         """One request's points for this rule, by the series' slots (registered); `repeats`:
         whether a series may come more than once."""
-        rows, ts, values, starts = self._admit(slots, ts, values)
+        rows, ts, values, by_window = self._admit(slots, ts, values)
+        if not by_window:
+            return
         increases = self._increases(rows, values, now_ms, repeats)
         size = self._size()
-        for start, at in self._by_window(starts):
+        for start, at in by_window:
             acc = self.windows.get(start)
             if acc is None:
                 acc = self.windows[start] = self._ACC(size)
@@ -233,7 +239,7 @@ class DownsampleColumns(_Columns):
 
     _ACC = _SeriesAcc
 
-    def _late(self, starts: np.ndarray) -> np.ndarray:
+    def _late(self, starts: Any) -> Any:
         state = self.state
         return starts + state.interval_ms <= state._flushed_to
 
@@ -372,7 +378,7 @@ class AggregateColumns(_Columns):
         self.last_seen[row] = now_ms
         return True, (prev if prev == prev else None)
 
-    def _late(self, starts: np.ndarray) -> np.ndarray:
+    def _late(self, starts: Any) -> Any:
         return starts < self.state._flushed_to
 
     def _size(self) -> int:
