@@ -33,7 +33,14 @@ from service.codec.errors import BadProtobuf
 from service.governance.cardinality import hash_array
 from service.governance.engine import PASS_ROUTE, RuleEngine, SeriesKey
 from service.governance.rules import Rule
-from service.governance.series_index import SeriesIndex, all_of, any_of, grown, positions
+from service.governance.series_index import (
+    SeriesIndex,
+    all_of,
+    any_of,
+    grown,
+    none_below,
+    positions,
+)
 from service.governance.window_columns import (
     AggregateColumns,
     DownsampleColumns,
@@ -514,6 +521,7 @@ class RouteTable:
         "dispositions",
         "head_seen",
         "index",
+        "new_labels",
         "path_counts",
         "path_nos",
         "paths",
@@ -527,6 +535,9 @@ class RouteTable:
     def __init__(self) -> None:
         self.index = SeriesIndex()
         self.cached: list[_Cached] = []  # by slot
+        # By slot, the labels the rules leave a relabeled series (else None): what a request
+        # splices, one list step from the slot instead of two through its _Cached.
+        self.new_labels: list[bytes | None] = []
         self.dispositions = np.zeros(1024, dtype=np.int8)  # by slot
         self.path_nos = np.zeros(1024, dtype=np.int32)  # by slot: its path's number, 0 for none
         self.paths: list[_Path | None] = [None]  # by number
@@ -559,7 +570,7 @@ class RouteTable:
         if one raises, none of the request's new series has a slot."""
         index = self.index
         slots = index.lookup(hashes)
-        if slots.min(initial=0) >= 0:
+        if none_below(slots, 0):
             return slots
         # New series get the next slots, in the order of their first place in the request.
         new_hashes, first = index.unseen(hashes, slots)
@@ -568,6 +579,7 @@ class RouteTable:
         index.add_many(new_hashes)
         end = len(index)
         self.cached += routed
+        self.new_labels += map(_RELABELED_OF, routed)
         self.dispositions = grown(self.dispositions, end)
         self.path_nos = grown(self.path_nos, end)
         self.column_nos = grown(self.column_nos, end)
@@ -746,7 +758,7 @@ def _govern_cached(
     relabeled_any = False
     at = of[RELABEL]
     if at.size:
-        _splice(spliced, full, keys, cached, at, slots[at])
+        _splice(spliced, full, keys, table.new_labels, at, slots[at])
         relabeled_any = True
     at = of[SAMPLED]
     if at.size:
@@ -754,7 +766,9 @@ def _govern_cached(
         relabel = table.relabels[slots[kept_at]]
         out += map(full.__getitem__, kept_at[~relabel].tolist())
         if any_of(relabel):
-            _splice(spliced, full, keys, cached, kept_at[relabel], slots[kept_at[relabel]])
+            _splice(
+                spliced, full, keys, table.new_labels, kept_at[relabel], slots[kept_at[relabel]]
+            )
             relabeled_any = True
     at = of[DYNAMIC]
     if at.size:
@@ -775,14 +789,15 @@ def _splice(
     spliced: tuple[list[bytes], list[bytes]],
     full: list[bytes],
     keys: list[bytes],
-    cached: list[_Cached],
+    new_labels: list[bytes | None],
     at: np.ndarray,
     slots: np.ndarray,
 ) -> None:
     """Series `at` (their slots; each starts with its labels) with the labels the rules leave
-    them, onto `spliced`: their new labels, and their bytes after their labels."""
+    them (`new_labels`, by slot), onto `spliced`: their new labels, and their bytes after their
+    labels."""
     where = at.tolist()
-    spliced[0].extend(map(_RELABELED_OF, map(cached.__getitem__, slots.tolist())))
+    spliced[0].extend(map(new_labels.__getitem__, slots.tolist()))  # type: ignore[arg-type]
     spliced[1].extend(
         map(bytes.removeprefix, map(full.__getitem__, where), map(keys.__getitem__, where))
     )
@@ -921,7 +936,8 @@ def _add_to_columns(
     first = int(nos[0])
     groups = [(first, slice(None))] if all_of(nos == first) else None
     if groups is None:
-        groups = [(no, np.flatnonzero(nos == no)) for no in np.unique(nos).tolist()]
+        present = positions(np.bincount(nos)).tolist()
+        groups = [(no, positions(nos == no)) for no in present]
     for no, sel in groups:
         cols = table.columns[no]
         late = cols.state.late

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["SeriesIndex", "all_of", "any_of", "grown", "positions"]
+__all__ = ["SeriesIndex", "all_of", "any_of", "grown", "none_below", "positions"]
 
 _WIDTH = 8  # cells a bucket
 # A bucket is one row of 12 uint64: 8 keys, then their 8 slots as int32 pairs, so the slot comes
@@ -26,7 +26,8 @@ _EMPTY = 0
 # only if one hashes to 0 and the other to this: as likely as any 64-bit collision).
 _ZERO_ALIAS = 0x9E3779B97F4A7C15
 _MIN_BUCKETS = 128
-_MISSING = np.int64(-1)  # a slot not found (an int64 scalar: lookup's slots are int64)
+_WIDTH_SHIFT = 3  # a cell's number in a request's gathered buckets, shifted: its row
+assert 1 << _WIDTH_SHIFT == _WIDTH
 
 
 # A request's arrays are small (hundreds to thousands of items), where a NumPy call's own cost
@@ -44,9 +45,27 @@ def any_of(a: np.ndarray) -> bool:
     return bool(np.count_nonzero(a))
 
 
+_least = np.minimum.reduce
+
+
+def none_below(a: np.ndarray, floor: int) -> bool:
+    """Whether no item of `a` is below `floor` (True for an empty array): the ufunc's own
+    reduction, without the Python wrapper of a.min()."""
+    return bool(_least(a, initial=floor) >= floor)
+
+
 def positions(a: np.ndarray) -> np.ndarray:
     """The positions of the true (nonzero) items of a 1-D array, in order."""
     return a.nonzero()[0]
+
+
+def _slots_matching(rows: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    """For buckets `rows` (one a hash), the slot of the cell holding each hash, -1 if none.
+    A bucket's cells hold distinct hashes: one cell matches at most."""
+    cells = (rows[:, :_WIDTH] == hashes[:, None]).ravel().nonzero()[0]
+    out = np.full(hashes.size, -1, dtype=np.int64)
+    out[cells >> _WIDTH_SHIFT] = rows.view(np.int32)[:, _SLOT0:].ravel()[cells]
+    return out
 
 
 def grown(a: np.ndarray, size: int, fill: float | int = 0) -> np.ndarray:
@@ -78,20 +97,18 @@ class SeriesIndex:
         table, mask = self._rows, self._mask
         bucket = hashes & np.uint64(mask)
         # One round for all, in as few NumPy calls as can be (each costs ~1-3 us a request
-        # warm, several times that with the caches cold): a bucket's cells hold distinct
-        # hashes, so the largest of its slots where the hash matches, or -1, is the slot.
+        # warm, several times that with the caches cold), none of them a reduction along a
+        # bucket's 8 cells (NumPy runs one small inner loop per row for those).
         rows = table[bucket]
-        eq = rows[:, :_WIDTH] == hashes[:, None]
-        out = np.where(eq, rows.view(np.int32)[:, _SLOT0:], _MISSING).max(axis=1)
-        if out.min(initial=0) >= 0:
+        out = _slots_matching(rows, hashes)
+        if none_below(out, 0):
             return out
         # Not in its bucket: in a later one only if that one is full.
         todo = positions((out < 0) & (rows[:, _WIDTH - 1] != _EMPTY))
         while todo.size:
             bucket[todo] = (bucket[todo] + np.uint64(1)) & np.uint64(mask)
             rows = table[bucket[todo]]
-            eq = rows[:, :_WIDTH] == hashes[todo, None]
-            out[todo] = np.where(eq, rows.view(np.int32)[:, _SLOT0:], _MISSING).max(axis=1)
+            out[todo] = _slots_matching(rows, hashes[todo])
             todo = todo[(out[todo] < 0) & (rows[:, _WIDTH - 1] != _EMPTY)]
         return out
 

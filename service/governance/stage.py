@@ -47,7 +47,7 @@ from service.governance import prw as prw_gov
 from service.governance.cardinality import hash_array
 from service.governance.engine import RuleEngine, SeriesKey
 from service.governance.limits import Decisions, LimitEngine, Series
-from service.governance.series_index import SeriesIndex, grown
+from service.governance.series_index import SeriesIndex, grown, none_below
 from service.governance.stats import Stats
 from service.governance.windows import Emitted
 from service.telemetry import logs
@@ -306,7 +306,7 @@ class Governance:
         facts worked out and a new slot."""
         index = self._index
         slots = index.lookup(hashes)
-        if slots.min(initial=0) >= 0:
+        if none_below(slots, 0):
             return slots
         missing = np.flatnonzero(slots < 0)
         if len(index) + missing.size > self.series_cache and len(index):

@@ -25,6 +25,8 @@ from service.governance.windows import AggregateState, DownsampleState, _Group, 
 
 __all__ = ["AggregateColumns", "DownsampleColumns", "columns_fit", "rounds"]
 
+# The ufuncs' own reductions, without the Python wrappers of a.min() and a.max().
+_least, _largest = np.minimum.reduce, np.maximum.reduce
 _T_MAX = np.iinfo(np.int64).max
 _T_MIN = np.iinfo(np.int64).min
 _SIMPLE = ("avg", "min", "max", "sum", "count", "first", "last")
@@ -152,14 +154,14 @@ class _Columns:
         arrival order: NaN values skipped, points of windows already emitted counted as late.
         The usual request, no NaN and one window, takes four NumPy calls."""
         state = self.state
-        top = float(values.max()) if values.size else 0.0
+        top = float(_largest(values)) if values.size else 0.0
         if top != top:  # a NaN (the largest is NaN when any is): skip the NaN values
             ok = values == values
             slots, ts, values = slots[ok], ts[ok], values[ok]
         if not ts.size:
             return self.row_of[slots], ts, values, []
         interval = state.interval_ms
-        low, high = int(ts.min()), int(ts.max())
+        low, high = int(_least(ts)), int(_largest(ts))
         start = low - low % interval
         if high - high % interval == start:  # one window for all
             if self._late(start):
