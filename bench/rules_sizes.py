@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 # trio imports the standard library's `queue`, which bench/queue.py would shadow: bench/ goes to
@@ -64,26 +65,27 @@ def run_case(
     n = len(pool) * size
     ruled, plain = [], []
     clock = time.process_time
-    for r in range(rounds + 2):
-        datas = [workload.render(t, now[0]) for t in pool]
-        ruled_s = plain_s = 0.0
+
+    def each(call: Any, datas: list[bytes]) -> float:
+        """CPU-seconds of `call` on each request, `idle_s` asleep before each (untimed)."""
+        spent = 0.0
         for d in datas:
             if idle_s:
                 time.sleep(idle_s)
             t0 = clock()
-            gov.prw(d)
-            ruled_s += clock() - t0
+            call(d)
+            spent += clock() - t0
+        return spent
+
+    for r in range(rounds + 2):
+        datas = [workload.render(t, now[0]) for t in pool]
+        ruled_s = each(gov.prw, datas)
         t0 = clock()
         emitted = engine.due()
         if emitted:
             gov_prw.encode(emitted)
         ruled_s += clock() - t0
-        for d in datas:
-            if idle_s:
-                time.sleep(idle_s)
-            t0 = clock()
-            prw_codec.count(d)
-            plain_s += clock() - t0
+        plain_s = each(prw_codec.count, datas)
         if r >= 2:
             ruled.append(ruled_s / n * 1e6)
             plain.append(plain_s / n * 1e6)

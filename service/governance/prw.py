@@ -338,9 +338,6 @@ def prefix_series(data: bytes, full: list[bytes]) -> Prefixed | None:
         framed = _framed_layout(tail - 2, full[0][-tail + 2] if tail > 2 else 0)
         if framed is not None and all_of((block & framed[0]) == framed[1]):
             keys = list(map(operator.getitem, full, itertools.repeat(_CUT_TAIL[tail])))
-            if tail == 2:  # empty Samples: value 0, timestamp 0
-                zeros = np.zeros(n, dtype=np.int64)
-                return Prefixed(keys, Points(zeros, zeros.view(np.float64)))
             return Prefixed(keys, Points(block=block[:, 2:], layout=framed[2]))
     return _prefix_mixed(data, full, np.array(lengths, dtype=np.int64))
 
@@ -465,18 +462,12 @@ def _framed_layout(size: int, tag: int) -> tuple[np.ndarray, np.ndarray, _Layout
     """`_layout` with the sample field's tag and length before it (mask, expected bytes)."""
     key = (size, tag)
     if key not in _FRAMED_LAYOUTS:
-        head = np.array([0xFF, 0xFF], dtype=np.uint8), np.array([0x12, size], dtype=np.uint8)
-        if not size:
-            got = (head[0], head[1], (head[0][:0], head[1][:0], False, 0))
-        else:
-            layout = _layout(size, tag)
-            got = None
-            if layout is not None:
-                mask, expect = (
-                    np.concatenate((head[0], layout[0])),
-                    np.concatenate((head[1], layout[1])),
-                )
-                got = (mask, expect, layout)
+        layout = _layout(size, tag) if size else None  # empty samples: the general path
+        got = None
+        if layout is not None:
+            mask = np.concatenate((np.array([0xFF, 0xFF], dtype=np.uint8), layout[0]))
+            expect = np.concatenate((np.array([0x12, size], dtype=np.uint8), layout[1]))
+            got = (mask, expect, layout)
         _FRAMED_LAYOUTS[key] = got
     return _FRAMED_LAYOUTS[key]
 
