@@ -335,7 +335,8 @@ def prefix_series(data: bytes, full: list[bytes]) -> Prefixed | None:
         # series' size and layout?
         joined = b"".join(map(operator.getitem, full, itertools.repeat(_LAST[tail])))
         block = np.frombuffer(joined, dtype=np.uint8).reshape(n, tail)
-        framed = _framed_layout(tail - 2, full[0][-tail + 2] if tail > 2 else 0)
+        # The sample's first byte (its tag; an empty sample, size 0, has no layout here).
+        framed = _framed_layout(tail - 2, full[0][2 - tail])
         if framed is not None and all_of((block & framed[0]) == framed[1]):
             keys = list(map(operator.getitem, full, itertools.repeat(_CUT_TAIL[tail])))
             return Prefixed(keys, Points(block=block[:, 2:], layout=framed[2]))
@@ -810,10 +811,7 @@ def _sampled(
         else:
             rand = engine.rand
             keep = np.array([rand() for _ in range(at.size)]) < rule.settings.rate
-        kept = int(np.count_nonzero(keep))
-        st = engine.stats[rule.name]
-        st.output += kept
-        st.dropped += at.size - kept
+        _count_sampled(engine, rule.name, at.size, int(np.count_nonzero(keep)))
         return at[keep]
     rate = table.sampler_rate[nos]
     keep = np.zeros(at.size, dtype=bool)
@@ -827,11 +825,16 @@ def _sampled(
         keep[h] = _head_kept(table, slots[h], table.sampler_n[nos[h]], repeats)
     per_rule = np.bincount(nos, minlength=len(table.samplers))
     kept = np.bincount(nos[keep], minlength=len(table.samplers))
-    for no in np.flatnonzero(per_rule).tolist():
-        st = engine.stats[table.samplers[no][0].name]
-        st.output += int(kept[no])
-        st.dropped += int(per_rule[no] - kept[no])
+    for no in positions(per_rule).tolist():
+        _count_sampled(engine, table.samplers[no][0].name, int(per_rule[no]), int(kept[no]))
     return at[keep]
+
+
+def _count_sampled(engine: RuleEngine, rule: str, seen: int, kept: int) -> None:
+    """A sampling rule's counts for a request: `seen` of its series' points, `kept` kept."""
+    st = engine.stats[rule]
+    st.output += kept
+    st.dropped += seen - kept
 
 
 def _head_kept(

@@ -14,7 +14,16 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["SeriesIndex", "all_of", "any_of", "grown", "none_below", "positions"]
+__all__ = [
+    "SeriesIndex",
+    "all_of",
+    "any_of",
+    "grown",
+    "largest",
+    "least",
+    "none_below",
+    "positions",
+]
 
 _WIDTH = 8  # cells a bucket
 # A bucket is one row of 12 uint64: 8 keys, then their 8 slots as int32 pairs, so the slot comes
@@ -45,13 +54,14 @@ def any_of(a: np.ndarray) -> bool:
     return bool(np.count_nonzero(a))
 
 
-_least = np.minimum.reduce
+# The least and largest item of a non-empty array: the ufuncs' own reductions, without the
+# Python wrappers of a.min() and a.max().
+least, largest = np.minimum.reduce, np.maximum.reduce
 
 
 def none_below(a: np.ndarray, floor: int) -> bool:
-    """Whether no item of `a` is below `floor` (True for an empty array): the ufunc's own
-    reduction, without the Python wrapper of a.min()."""
-    return bool(_least(a, initial=floor) >= floor)
+    """Whether no item of `a` is below `floor` (True for an empty array)."""
+    return bool(least(a, initial=floor) >= floor)
 
 
 def positions(a: np.ndarray) -> np.ndarray:

@@ -20,13 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from service.governance.series_index import any_of, grown, positions
+from service.governance.series_index import any_of, grown, largest, least, positions
 from service.governance.windows import AggregateState, DownsampleState, _Group, _SeriesWindow
 
 __all__ = ["AggregateColumns", "DownsampleColumns", "columns_fit", "rounds"]
 
-# The ufuncs' own reductions, without the Python wrappers of a.min() and a.max().
-_least, _largest = np.minimum.reduce, np.maximum.reduce
 _T_MAX = np.iinfo(np.int64).max
 _T_MIN = np.iinfo(np.int64).min
 _SIMPLE = ("avg", "min", "max", "sum", "count", "first", "last")
@@ -154,14 +152,14 @@ class _Columns:
         arrival order: NaN values skipped, points of windows already emitted counted as late.
         The usual request, no NaN and one window, takes four NumPy calls."""
         state = self.state
-        top = float(_largest(values)) if values.size else 0.0
+        top = float(largest(values)) if values.size else 0.0
         if top != top:  # a NaN (the largest is NaN when any is): skip the NaN values
             ok = values == values
             slots, ts, values = slots[ok], ts[ok], values[ok]
         if not ts.size:
             return self.row_of[slots], ts, values, []
         interval = state.interval_ms
-        low, high = int(_least(ts)), int(_largest(ts))
+        low, high = int(least(ts)), int(largest(ts))
         start = low - low % interval
         if high - high % interval == start:  # one window for all
             if self._late(start):
