@@ -52,7 +52,7 @@ def full_of(data: bytes) -> list[bytes]:
 
 
 def prefix_keys(data: bytes) -> list[bytes] | None:
-    got = prw.prefix_series(data, full_of(data))
+    got = prw.prefix_series(data)
     return None if got is None else got.keys
 
 
@@ -146,9 +146,10 @@ def test_a_prefix_key_is_the_label_key_or_is_caught(
 
 
 def test_requests_of_other_shapes_get_none() -> None:
-    """Metadata, an exemplar or a histogram after the sample, a length written in more bytes
-    than it needs, or no series: no prefix keys. Two samples: a key that check_labels
-    refuses (it holds the first sample)."""
+    """Metadata, an exemplar or a histogram after the sample, or no series: no prefix keys.
+    Two samples: a key that check_labels refuses (it holds the first sample). A series'
+    length written in more bytes than it needs still frames the series' bytes: its key is its
+    label key."""
     labels = [Label(name="__name__", value="up")]
     one = Sample(value=1.0, timestamp=T0_MS)
     plain = WriteRequest(timeseries=[TimeSeries(labels=labels, samples=[one])])
@@ -174,7 +175,39 @@ def test_requests_of_other_shapes_get_none() -> None:
     body = plain.timeseries[0].SerializeToString()
     padded = b"\x0a" + bytes([0x80 | len(body), 0x00]) + body  # the length in two bytes
     assert prw.label_keys(padded) == [body[: -len(one.SerializeToString()) - 2]]
-    assert prefix_keys(padded) is None
+    assert prefix_keys(padded) == prw.label_keys(padded)
+    unknown = plain.SerializeToString() + b"\x28\x01"  # field 5, a varint: no WriteRequest's
+    assert prefix_keys(unknown) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from([(18, 0x09), (9, 0x10), (11, 0x09), (20, 0x09), (4, 0x10)]),
+    st.lists(st.binary(min_size=20, max_size=20), min_size=1, max_size=6),
+    st.data(),
+)
+def test_sample_fields_are_checked_as_their_layout_says(
+    shape: tuple[int, int], rows: list[bytes], data: st.DataObject
+) -> None:
+    """The usual request's sample fields, end to end, pass the C-level column checks exactly
+    when every row's bytes under its framed layout's mask are the bytes the layout expects
+    (rows made to pass, then one byte of one row changed, or random bytes)."""
+    tail, tag = shape
+    mask, expect, _ = prw._framed_layout(tail - 2, tag)
+    made = [bytes((r & ~m) | e for r, m, e in zip(row, mask, expect)) for row in rows]
+    if data.draw(st.booleans()):
+        i, at = data.draw(st.integers(0, len(made) - 1)), data.draw(st.integers(0, tail - 1))
+        changed = bytearray(made[i])
+        changed[at] ^= data.draw(st.integers(1, 255))
+        made[i] = bytes(changed)
+    if data.draw(st.booleans()):
+        made = [row[:tail] for row in rows]
+    block = np.frombuffer(b"".join(row[:tail] for row in made), dtype=np.uint8)
+    want = bool(((block.reshape(-1, tail) & mask) == expect).all())
+    checks = prw._tail_checks(tail, tag)
+    assert checks is not None
+    tails = b"".join(row[:tail] for row in made)
+    assert prw._tails_pass(tails, tail, len(made), checks) == want
 
 
 # ---- a request built to be misread -----------------------------------------------------------
@@ -290,7 +323,7 @@ def test_the_samples_read_with_the_keys_are_the_requests(
     data = WriteRequest(
         timeseries=[TimeSeries(labels=labels, samples=[s]) for labels, s in items]
     ).SerializeToString()
-    got = prw.prefix_series(data, full_of(data))
+    got = prw.prefix_series(data)
     assert got is not None
     try:
         for key in got.keys:
@@ -321,7 +354,7 @@ def test_the_usual_request_is_read_as_the_general_path_reads_it(
         timeseries=[TimeSeries(labels=labels, samples=[s]) for labels, s in items]
     ).SerializeToString()
     full = full_of(data)
-    got = prw.prefix_series(data, full)
+    got = prw.prefix_series(data)
     general = prw._prefix_mixed(data, full, np.array(list(map(len, full)), dtype=np.int64))
     assert got is not None and general is not None
     try:
@@ -340,7 +373,7 @@ def test_the_usual_request_is_read_as_the_general_path_reads_it(
         ts, values = points.at(rows)
         assert ts.tolist() == points.timestamps[rows].tolist()
         assert same_floats(values.tolist(), points.values[rows].tolist())
-    lazy = prw.prefix_series(data, full)  # decoded by rows only: never as a whole
+    lazy = prw.prefix_series(data)  # decoded by rows only: never as a whole
     assert lazy is not None and lazy.points is not None
     ts, values = lazy.points.at(rows)
     assert ts.tolist() == [items[i][1].timestamp for i in rows.tolist()]
@@ -379,7 +412,7 @@ def test_samples_in_other_layouts_are_counted_by_the_parser(odd: str) -> None:
         for n in ("a", "b")
     ]
     data = prw_codec.frame(series)
-    got = prw.prefix_series(data, full_of(data))
+    got = prw.prefix_series(data)
     assert got is not None
     if odd in _ODD_READ:
         assert got.points is not None

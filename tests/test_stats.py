@@ -39,7 +39,6 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from service._proto.governor.prw_views_pb2 import SeriesBytes
 from service._proto.prometheus.remote_pb2 import WriteRequest
 from service._proto.prometheus.types_pb2 import BucketSpan, Label, Sample, TimeSeries
 from service._proto.prometheus.types_pb2 import Histogram as NativeHistogram
@@ -113,7 +112,7 @@ def one_sample_each(data: bytes) -> bool:
     """Whether the stats count `data` as one datapoint a series without parsing it: every
     series is its labels then one sample, as its keys taken before its sample show (they
     exist, and each is only labels)."""
-    got = prw.prefix_series(data, list(SeriesBytes.FromString(data).timeseries))
+    got = prw.prefix_series(data)
     keys = None if got is None else got.keys
     try:
         for key in keys or ():

@@ -11,6 +11,7 @@ import bisect
 import heapq
 import itertools
 import math
+import operator
 import sys
 from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -74,6 +75,14 @@ def series_hash(data: bytes) -> int:
 def hash_array(keys: list[bytes]) -> np.ndarray:
     """`series_hash` of each key, in order, as a uint64 array (iterated in C)."""
     return np.fromiter(map(_xxh3_64, keys), dtype=np.uint64, count=len(keys))
+
+
+def hash_cut(items: list[bytes], cut: slice) -> np.ndarray:
+    """`series_hash` of each item's `cut` slice, in order, as a uint64 array: each slice is
+    hashed as it is made and freed at once, so the slices' memory stays in the CPU's caches
+    (a list of them would be a fresh copy of the request)."""
+    keys = map(operator.getitem, items, itertools.repeat(cut))
+    return np.fromiter(map(_xxh3_64, keys), dtype=np.uint64, count=len(items))
 
 
 def hash_many(keys: Iterable[bytes]) -> list[int]:

@@ -73,8 +73,11 @@ def _slots_matching(rows: np.ndarray, hashes: np.ndarray) -> np.ndarray:
     """For buckets `rows` (one a hash), the slot of the cell holding each hash, -1 if none.
     A bucket's cells hold distinct hashes: one cell matches at most."""
     cells = (rows[:, :_WIDTH] == hashes[:, None]).ravel().nonzero()[0]
+    found = rows.view(np.int32)[:, _SLOT0:].ravel()[cells]
+    if cells.size == hashes.size:  # each bucket holds its hash: the slots are in order
+        return found.astype(np.int64)
     out = np.full(hashes.size, -1, dtype=np.int64)
-    out[cells >> _WIDTH_SHIFT] = rows.view(np.int32)[:, _SLOT0:].ravel()[cells]
+    out[cells >> _WIDTH_SHIFT] = found
     return out
 
 
@@ -105,19 +108,21 @@ class SeriesIndex:
         if not all_of(hashes):
             hashes = np.where(hashes == _EMPTY, np.uint64(_ZERO_ALIAS), hashes)
         table, mask = self._rows, self._mask
-        bucket = hashes & np.uint64(mask)
+        # The buckets as intp (a view: the mask keeps them below 2^63), gathered by take: a
+        # uint64 index costs fancy indexing a cast and a slower loop (~3-7x the gather).
+        bucket = (hashes & np.uint64(mask)).view(np.intp)
         # One round for all, in as few NumPy calls as can be (each costs ~1-3 us a request
         # warm, several times that with the caches cold), none of them a reduction along a
         # bucket's 8 cells (NumPy runs one small inner loop per row for those).
-        rows = table[bucket]
+        rows = table.take(bucket, axis=0)
         out = _slots_matching(rows, hashes)
         if none_below(out, 0):
             return out
         # Not in its bucket: in a later one only if that one is full.
         todo = positions((out < 0) & (rows[:, _WIDTH - 1] != _EMPTY))
         while todo.size:
-            bucket[todo] = (bucket[todo] + np.uint64(1)) & np.uint64(mask)
-            rows = table[bucket[todo]]
+            bucket[todo] = (bucket[todo] + 1) & mask
+            rows = table.take(bucket[todo], axis=0)
             out[todo] = _slots_matching(rows, hashes[todo])
             todo = todo[(out[todo] < 0) & (rows[:, _WIDTH - 1] != _EMPTY)]
         return out

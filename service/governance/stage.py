@@ -210,49 +210,48 @@ class Governance:
         """Validate a serialized WriteRequest (raises BadProtobuf) and govern it."""
         stats, limits = self.stats, self.limits if self.limits_active else None
         by_series = stats is not None or limits is not None
-        keys = samples = framed = None
+        samples = framed = keys_ids = None
         if by_series or self.rules_active:
             # Each series' labels, read first: in the usual request, the bytes of each series
-            # before its sample. The rest of the request is validated without them; the labels
-            # of series not seen before are checked where they are first read (the series'
-            # facts, a rule route), before anything is counted. A key found there to be more
-            # than labels (NotLabels) sends the request back to label_keys.
+            # before its sample (hashed; the keys themselves are sliced where they are read).
+            # The rest of the request is validated without them; the labels of series not
+            # seen before are checked where they are first read (the series' facts, a rule
+            # route), before anything is counted. A key found there to be more than labels
+            # (NotLabels) sends the request back to label_keys.
             try:
-                full = list(SeriesBytes.FromString(data).timeseries)
-                got = prw_gov.prefix_series(data, full)
+                got = prw_gov.prefix_series(data, keys=self.rules_active)
                 if got is None:
-                    keys = prw_gov.label_keys(data)
+                    listed = prw_gov.label_keys(data)
+                    series = prw_gov.Prefixed([], hash_array(listed), None, keys=listed)
                 else:
-                    keys = got.keys
-                    framed = full  # the request is these series and nothing else
+                    series = got
+                    framed = got.full  # the request is these series and nothing else
             except DecodeError:
                 raise BadProtobuf("body is not a valid protobuf WriteRequest") from None
-            if got is not None and got.points is not None:
+            n = len(series.hashes)
+            if series.points is not None:
                 # Each series its labels and one sample, read above, once its key is proven
                 # to be labels (below, or in the rules): else the request is counted again.
-                samples = got.points
-                counts = prw_codec.Counts(len(keys), len(keys), 0)
+                samples = series.points
+                counts = prw_codec.Counts(n, n, 0)
             else:
-                counts, samples = prw_codec.count_samples(data, len(keys))
-            keys_ids = (keys, hash_array(keys))
+                counts, samples = prw_codec.count_samples(data, n)
         else:
             counts = prw_codec.count(data)
-            keys_ids = None
         now_s = self.clock_ms() / 1000
         removed = 0
         changed = None
         if by_series:
-            assert keys_ids is not None
-            keys, hashes = keys_ids
             self._check_facts()
             try:
                 try:
-                    slots = self._slots_of(keys, hashes)
+                    slots = self._slots_of(series.key, series.hashes)
                 except prw_gov.NotLabels:
-                    keys, hashes = keys_ids = prw_gov.series_keys(data)
-                    counts, samples = prw_codec.count_samples(data, len(keys))
+                    listed, hashes = prw_gov.series_keys(data)
+                    series = prw_gov.Prefixed([], hashes, None, keys=listed)
+                    counts, samples = prw_codec.count_samples(data, len(listed))
                     framed = None
-                    slots = self._slots_of(keys, hashes)
+                    slots = self._slots_of(series.key, series.hashes)
             except DecodeError:  # a new series' labels
                 raise BadProtobuf("body is not a valid protobuf WriteRequest") from None
             # Every series its labels and one sample: proven by keys taken before a sample
@@ -260,23 +259,27 @@ class Governance:
             # series and none in another).
             points = None if framed is not None else _points_per_series(data)
             if stats is not None:
-                self._count_prw(stats, slots, hashes, points, now_s)
+                self._count_prw(stats, slots, series.hashes, points, now_s)
             if limits is not None:
                 facts = list(map(self._slot_facts.__getitem__, slots.tolist()))
-                ids = hashes.tolist()
+                ids = series.hashes.tolist()
                 decided = self._limit(limits, facts, ids, points, tenant, now_s)
                 if decided.changed:
-                    changed, removed = self._apply_prw(limits, data, keys, facts, ids, decided)
+                    changed, removed = self._apply_prw(
+                        limits, data, series.key, facts, ids, decided
+                    )
             if len(self._index) > self.series_cache:  # one request had more new series
                 self._evict_prw(self.series_cache // 2)
         if changed is not None:
             data = changed
             counts_after = prw_codec.count(data)
-            keys_ids = samples = framed = None
+            samples = framed = None
         else:
             counts_after = counts
         if self.rules_active:
             assert self.engine is not None
+            if changed is None:
+                keys_ids = (series.keys, series.hashes)
             g = prw_gov.govern(self.engine, data, counts_after, keys_ids, samples, framed)
             if changed is not None and g.data is None:
                 g = attrs.evolve(g, data=data)
@@ -301,9 +304,9 @@ class Governance:
             counts.histograms,
         )
 
-    def _slots_of(self, keys: list[bytes], hashes: np.ndarray) -> np.ndarray:
-        """The slot of each series of a request; a series seen for the first time gets its
-        facts worked out and a new slot."""
+    def _slots_of(self, key_of: Callable[[int], bytes], hashes: np.ndarray) -> np.ndarray:
+        """The slot of each series of a request (the i-th's key: key_of(i)); a series seen
+        for the first time gets its facts worked out and a new slot."""
         index = self._index
         slots = index.lookup(hashes)
         if none_below(slots, 0):
@@ -317,7 +320,7 @@ class Governance:
             missing = np.flatnonzero(slots < 0)
         # New series get the next slots, in the order of their first place in the request.
         new_hashes, first = index.unseen(hashes, slots)
-        facts = [self._new_facts_prw(keys[i]) for i in first.tolist()]
+        facts = [self._new_facts_prw(key_of(i)) for i in first.tolist()]
         new_slots = index.add_many(new_hashes)
         self._slot_facts += facts
         self._slot_state = grown(self._slot_state, len(index))
@@ -525,7 +528,7 @@ class Governance:
         self,
         limits: LimitEngine,
         data: bytes,
-        keys: list[bytes],
+        key_of: Callable[[int], bytes],
         facts: list[Facts],
         ids: list[int],
         d: Decisions,
@@ -555,10 +558,11 @@ class Governance:
                     removed += len(ts.samples)
                     continue
             rule = d.annotate.get(i)
-            if rule is not None and series.startswith(keys[i]):
+            old = key_of(i) if rule is not None else None
+            if rule is not None and old is not None and series.startswith(old):
                 f = facts[i]
                 labels = {**f.labels(), LimitEngine.ANNOTATION: rule}
-                series = prw_gov.labels_wire(f.name, labels) + series[len(keys[i]) :]
+                series = prw_gov.labels_wire(f.name, labels) + series[len(old) :]
             out.append(series)
         merged = MergedWriteRequest.FromString(
             prw_codec.frame([full[i] for i in d.drop])
