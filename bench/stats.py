@@ -584,6 +584,19 @@ def feed_stats(counts: list[int], labels: list[str], table: LabelTable) -> Stats
     return stats
 
 
+def _malloc_trim() -> bool:
+    """glibc's malloc_trim(0): free memory handed back to the system; False without glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
 def tracker_memory(dist: str, n: int, labels: list[str], trace: bool) -> dict[str, Any]:
     """One distribution, in this (fresh) process: tracemalloc's retained bytes or the RSS
     growth, and Stats.memory_bytes()."""
@@ -598,6 +611,9 @@ def tracker_memory(dist: str, n: int, labels: list[str], trace: bool) -> dict[st
         rss0 = rss()
         stats = feed_stats(counts, labels, table)
         out["rss_growth_bytes"] = rss() - rss0
+        # The same after glibc hands back the free memory it keeps (governor's allocator
+        # tuning keeps up to 64 MB of it: what feeding freed stays in RSS until then).
+        out["rss_trimmed_bytes"] = rss() - rss0 if _malloc_trim() else None
     trackers = [c.tracker for c in (*stats.metrics.values(), *stats.groups.values())]
     out["memory_bytes"] = stats.memory_bytes()
     out["exact_trackers"] = sum(1 for t in trackers if t is not None and t.statistics().exact)
@@ -624,7 +640,7 @@ def facts_memory(n: int, level: str = "full") -> dict[str, Any]:
         gov._check_facts()
         for tpl in pool:
             keys, ids = series_keys(workload.render(tpl, clock.ms))
-            gov._slots_of(keys, np.array(ids, dtype=np.uint64))
+            gov._slots_of(keys.__getitem__, np.array(ids, dtype=np.uint64))
 
     t0 = time.monotonic()
     _, retained, by_file = traced(run)
@@ -650,20 +666,27 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
     )
     print(
         f"  {'distribution':44s} {'names':>6s} {'exact/all trackers':>18s} {'tracemalloc':>11s}"
-        f" {'MB/1M':>7s} {'RSS growth':>10s} {'MB/1M':>7s} {'memory_bytes()':>14s} {'MB/1M':>7s}"
+        f" {'MB/1M':>7s} {'RSS growth':>10s} {'MB/1M':>7s} {'trimmed':>10s} {'MB/1M':>7s}"
+        f" {'memory_bytes()':>14s} {'MB/1M':>7s}"
     )
     rows = []
     for dist in distributions(n, StatsConfig().exact_limit):
         t = _in_subprocess("tracker_memory", dist=dist, n=n, labels=labels, trace=True)
         r = _in_subprocess("tracker_memory", dist=dist, n=n, labels=labels, trace=False)
         t["rss_growth_bytes"] = r["rss_growth_bytes"]
+        t["rss_trimmed_bytes"] = trimmed = r["rss_trimmed_bytes"]
         rows.append(t)
         per = 1e6 / t["series"]
         print(
             f"  {dist:44s} {t['metrics']:>6} {t['exact_trackers']:>8}/{t['trackers']:<9}"
             f" {t['tracemalloc_bytes'] / MB:8.1f} MB {t['tracemalloc_bytes'] / MB * per:7.1f}"
             f" {t['rss_growth_bytes'] / MB:7.1f} MB {t['rss_growth_bytes'] / MB * per:7.1f}"
-            f" {t['memory_bytes'] / MB:11.1f} MB {t['memory_bytes'] / MB * per:7.1f}",
+            + (
+                f" {trimmed / MB:7.1f} MB {trimmed / MB * per:7.1f}"
+                if trimmed is not None
+                else f" {'-':>10s} {'-':>7s}"
+            )
+            + f" {t['memory_bytes'] / MB:11.1f} MB {t['memory_bytes'] / MB * per:7.1f}",
             flush=True,
         )
     f = facts_memory(args.facts_series)

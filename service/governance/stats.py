@@ -9,7 +9,8 @@ pass the time in.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from array import array
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -18,6 +19,28 @@ from service.config import StatsConfig
 from service.governance.cardinality import WindowedTracker, top_k
 
 OTHER = "__other__"
+
+
+class Frozen:
+    """A window's label-value table once the window has ended: read, never added to. Its pairs
+    (interned, shared with the other tables) in a tuple and their counts in an array take
+    ~1.5 KB for a metric's ~85 values, where the dict took ~3.5-4.5 KB (with thousands of
+    metrics the tables were most of the stats' memory)."""
+
+    __slots__ = ("_counts", "_pairs")
+
+    def __init__(self, table: Mapping[tuple[str, str], int]) -> None:
+        self._pairs = tuple(table)
+        self._counts = array("q", table.values())
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def items(self) -> Iterator[tuple[tuple[str, str], int]]:
+        return zip(self._pairs, self._counts, strict=True)
+
+
+_NO_VALUES = Frozen({})
 
 
 @attrs.define(eq=False, slots=True)
@@ -32,7 +55,7 @@ class Counted:
     # One table per window, keyed by (label, value): one dict a metric rather than one a label
     # (most metrics have few series: the tables' own size is what counts).
     values: dict[tuple[str, str], int] | None = None
-    values_before: dict[tuple[str, str], int] | None = None
+    values_before: Frozen | None = None  # the previous window's, frozen when it ended
     distinct: dict[str, int] | None = None  # label -> values kept in `values`
     values_dropped: int = 0  # values not kept (past max_label_values)
 
@@ -104,7 +127,7 @@ class Stats:
                 if c.tracker is not None:
                     c.tracker.roll(now_s)
                 if c.values is not None:
-                    c.values_before = c.values if step else {}
+                    c.values_before = Frozen(c.values) if step and c.values else _NO_VALUES
                     c.values = {}
                     c.distinct = {}
             self.index = index
@@ -124,7 +147,7 @@ class Stats:
                 tracker.roll(now_s)
             c = table[key] = Counted(tracker, values={} if table is self._metrics else None)
             if c.values is not None and self.full:
-                c.values_before = {}
+                c.values_before = _NO_VALUES
                 c.distinct = {}
         return c
 
@@ -213,7 +236,7 @@ class Stats:
         per_label: dict[str, dict[str, int]] = {}
         for (label, v), n in c.values.items():
             per_label.setdefault(label, {})[v] = n
-        for (label, v), n in (c.values_before or {}).items():
+        for (label, v), n in (c.values_before or _NO_VALUES).items():
             merged = per_label.setdefault(label, {})
             if v in merged:
                 merged[v] = max(merged[v], n)
