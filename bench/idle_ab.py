@@ -227,17 +227,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {t: [] for t in trees}
     for rep in range(args.reps):
         for tree in trees if rep % 2 == 0 else trees[::-1]:
-            case = {
-                "tree": tree,
-                "mode": args.mode,
-                "idle_s": args.idle_ms / 1000,
-                "rounds": args.rounds,
-                "size": args.size,
-                "series": args.series,
-            }
-            cmd = ["taskset", "-c", cpu, sys.executable, __file__, "--case", json.dumps(case)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1800)
-            r = json.loads(out.stdout.strip().splitlines()[-1])
+            r = _in_process(cpu, _case(args, tree=tree))
             results[tree].append(r)
             print(
                 f"  {tree}: governance {r['gov_mean']:.3f} (median request"
@@ -257,20 +247,30 @@ def main() -> None:
         )
 
 
-def _main_together(args: argparse.Namespace, trees: list[str], cpu: str) -> None:
-    case = {
-        "together": trees,
+def _case(args: argparse.Namespace, **which: Any) -> dict[str, Any]:
+    """A measuring process' arguments: the checkout(s) `which` names, the rest from `args`."""
+    return {
+        **which,
         "mode": args.mode,
         "idle_s": args.idle_ms / 1000,
         "rounds": args.rounds,
         "size": args.size,
         "series": args.series,
     }
+
+
+def _in_process(cpu: str, case: dict[str, Any]) -> dict[str, Any]:
+    """Run `case` in a fresh process pinned to `cpu`; its figures."""
+    cmd = ["taskset", "-c", cpu, sys.executable, __file__, "--case", json.dumps(case)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=3600)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _main_together(args: argparse.Namespace, trees: list[str], cpu: str) -> None:
+    case = _case(args, together=trees)
     runs = []
     for rep in range(args.reps):
-        cmd = ["taskset", "-c", cpu, sys.executable, __file__, "--case", json.dumps(case)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=3600)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r = _in_process(cpu, case)
         runs.append(r)
         base = r["prw.count"]["mean"]
         print(

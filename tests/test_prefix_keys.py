@@ -347,9 +347,9 @@ def test_the_usual_request_is_read_as_the_general_path_reads_it(
 ) -> None:
     """prefix_series reads a request whose samples are all of one size and layout by C-level
     passes over its series; any request can also be read by the general array path
-    (_prefix_mixed). Where the keys of both pass check_labels, both give the same keys and the
-    same points; and Points.at(rows), which decodes only those rows, gives those rows of the
-    points."""
+    (_prefix_mixed). Where the keys of both pass check_labels, both give the same keys (listed,
+    or sliced one at a time), the same bytes after them, and the same points; and
+    Points.at(rows), which decodes only those rows, gives those rows of the points."""
     data = WriteRequest(
         timeseries=[TimeSeries(labels=labels, samples=[s]) for labels, s in items]
     ).SerializeToString()
@@ -363,6 +363,11 @@ def test_the_usual_request_is_read_as_the_general_path_reads_it(
     except prw.NotLabels:
         return
     assert got.keys == general.keys
+    fresh = prw.prefix_series(data)  # nothing listed yet: each key sliced where read
+    assert fresh is not None
+    where = rnd.sample(range(len(items)), rnd.randint(0, len(items)))
+    assert list(fresh.rests(where)) == list(general.rests(where))
+    assert [fresh.key(i) for i in range(len(items))] == general.keys
     assert (got.points is None) == (general.points is None)
     if got.points is None or general.points is None:
         return

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -82,14 +83,15 @@ def govern(
     engine: RuleEngine,
     data: bytes,
     counts: prw_codec.Counts | None = None,
-    series: tuple[list[bytes], np.ndarray] | None = None,
+    series: Prefixed | None = None,
     samples: Any = None,
     framed: list[bytes] | None = None,
 ) -> Governed:
     """Validate a serialized WriteRequest (raises BadProtobuf) and run the rules over it.
     `counts` (prw_codec.count) when the caller has them already, for the same `data`; or
     `counts` and `samples` (prefix_series' points, or prw_codec.count_samples'), with `series`
-    (the keys `prefix_series` gave, and their hashes) and `framed` (each series' bytes): then
+    (what `prefix_series` gave: the keys' hashes, the keys where read) and `framed` (each
+    series' bytes): then
     the labels of series new to the route cache are validated here, before anything is
     counted (counts taken from the points hold only once they are). Without `framed`, the keys
     are taken here when they can be.
@@ -102,12 +104,11 @@ def govern(
         counts = prw_codec.count(data)
     if not counts.histograms and counts.samples == counts.series:
         if framed is None or series is None:
-            got = prefix_series(data, keys=True)
-            if got is None:  # not every series its labels and one sample
+            series = prefix_series(data)
+            if series is None:  # not every series its labels and one sample
                 return govern_each(engine, data)
-            framed = got.full
-            series = (got.keys, got.hashes)
-            samples = got.points
+            framed = series.full
+            samples = series.points
         try:
             return _govern_cached(engine, data, series, samples, framed)
         except NotLabels:  # a key taken before a sample is more than labels: not one sample each
@@ -306,7 +307,7 @@ class Prefixed:
     its key (`hashes`: `series_hash` of its bytes before its sample, its labels once checked)
     and its sample. The keys themselves are sliced from the series when asked for."""
 
-    __slots__ = ("_cut", "_keys", "full", "hashes", "points")
+    __slots__ = ("_keys", "_tail", "full", "hashes", "points")
 
     def __init__(
         self,
@@ -314,7 +315,7 @@ class Prefixed:
         hashes: np.ndarray,
         points: Points | None,
         *,
-        cut: slice | None = None,
+        tail: int = 0,
         keys: list[bytes] | None = None,
     ) -> None:
         self.full = full
@@ -322,32 +323,39 @@ class Prefixed:
         # The samples, when each is in a layout read here (else None: the caller validates
         # the samples and reads them with prw_codec.count_samples).
         self.points = points
-        self._cut = cut  # a series' key is its bytes[cut] (all samples of one size), or
+        self._tail = tail  # a series' key is its bytes but the last `tail` (its sample), or
         self._keys = keys  # the keys are given
 
     def key(self, i: int) -> bytes:
         """Series i's key."""
         if self._keys is not None:
             return self._keys[i]
-        return self.full[i][self._cut]
+        return self.full[i][_CUT_TAIL[self._tail]]
 
     @property
     def keys(self) -> list[bytes]:
         """Every series' key, in order."""
         if self._keys is None:
-            self._keys = list(map(operator.getitem, self.full, itertools.repeat(self._cut)))
+            cut = itertools.repeat(_CUT_TAIL[self._tail])
+            self._keys = list(map(operator.getitem, self.full, cut))
         return self._keys
 
+    def rests(self, where: list[int]) -> Iterator[bytes]:
+        """The bytes after the keys of series `where` (`full` given), in that order."""
+        series = map(self.full.__getitem__, where)
+        if self._keys is None:
+            return map(operator.getitem, series, itertools.repeat(_LAST[self._tail]))
+        return map(bytes.removeprefix, series, map(self._keys.__getitem__, where))
 
-def prefix_series(data: bytes, *, keys: bool = False) -> Prefixed | None:
+
+def prefix_series(data: bytes) -> Prefixed | None:
     """`label_keys` for the usual request, taken without a serialization, with the samples: a
     request made only of series, each its labels followed by one sample. Then a series'
     labels are its bytes but the last field, whose tag (a sample's) and length are checked.
     None for a request with metadata or fields of no series, or with a series that does not
-    end with a sample (an exemplar, a histogram). `keys`: the caller will read every key (the
-    rules do), so they are sliced once into a list; else only hashed, and sliced again where
-    asked for (a series not seen before). Raises DecodeError for a body that is not a
-    WriteRequest of series' bytes.
+    end with a sample (an exemplar, a histogram). The keys are hashed, then sliced again only
+    where they are read (a series not seen before; the bytes after a relabeled series' key).
+    Raises DecodeError for a body that is not a WriteRequest of series' bytes.
 
     What that leaves unproven is whether the bytes before the last sample are only labels: a
     series of two samples, or a label whose value ends like a sample's field, would give a key
@@ -374,12 +382,8 @@ def prefix_series(data: bytes, *, keys: bool = False) -> Prefixed | None:
         # series' size and layout?
         tails = b"".join(map(operator.getitem, full, itertools.repeat(_LAST[tail])))
         if len(tails) == n * tail and _tails_pass(tails, tail, n, checks):
-            cut = _CUT_TAIL[tail]
             points = Points(tails=tails, layout=checks[2])
-            if keys:
-                listed = list(map(operator.getitem, full, itertools.repeat(cut)))
-                return Prefixed(full, hash_array(listed), points, keys=listed)
-            return Prefixed(full, hash_cut(full, cut), points, cut=cut)
+            return Prefixed(full, hash_cut(full, _CUT_TAIL[tail]), points, tail=tail)
     # Each series is framed by its tag and its length (a varint); framed in the fewest bytes,
     # the frames add up to the request, and each series' place in it is known.
     lengths = list(map(len, full))
@@ -644,17 +648,20 @@ class RouteTable:
     def __len__(self) -> int:
         return len(self.index)
 
-    def slots(self, engine: RuleEngine, keys: list[bytes], hashes: np.ndarray) -> np.ndarray:
-        """The slot of each series of a request. A series first seen is routed (its labels
-        parsed, which validates them: raises DecodeError, or NotLabels) and gets the next slot;
-        if one raises, none of the request's new series has a slot."""
+    def slots(
+        self, engine: RuleEngine, key_of: Callable[[int], bytes], hashes: np.ndarray
+    ) -> np.ndarray:
+        """The slot of each series of a request (the i-th's key: key_of(i)). A series first
+        seen is routed (its labels parsed, which validates them: raises DecodeError, or
+        NotLabels) and gets the next slot; if one raises, none of the request's new series has
+        a slot."""
         index = self.index
         slots = index.lookup(hashes)
         if none_below(slots, 0):
             return slots
         # New series get the next slots, in the order of their first place in the request.
         new_hashes, first = index.unseen(hashes, slots)
-        routed = [_route(engine, keys[i]) for i in first.tolist()]
+        routed = [_route(engine, key_of(i)) for i in first.tolist()]
         start = len(index)
         index.add_many(new_hashes)
         end = len(index)
@@ -794,21 +801,22 @@ def route_table(engine: RuleEngine, hashes: np.ndarray) -> RouteTable:
 def _govern_cached(
     engine: RuleEngine,
     data: bytes,
-    series: tuple[list[bytes], np.ndarray],
+    series: Prefixed,
     samples: Any,
     full: list[bytes],
 ) -> Governed:
     """The cached path, for a request of series only (`full`, each series' bytes), each its
-    labels and one sample as the keys `series` (from prefix_series, and their hashes) show
+    labels and one sample as the keys of `series` (prefix_series': their hashes, the keys
+    sliced where read) show
     once a new one passes check_labels (else NotLabels, before anything is counted). A
     relabeled series is spliced: its new labels + its bytes after its labels. `samples`: the
     request's, one per series, if known."""
     # Keyed by a 64-bit hash of the labels, not the labels: a fraction of the memory per
     # series, and a collision needs ~4 billion series in the cache at once to become likely.
-    keys, hashes = series
-    n = len(keys)
+    hashes = series.hashes
+    n = len(hashes)
     table = route_table(engine, hashes)
-    slots = table.slots(engine, keys, hashes)
+    slots = table.slots(engine, series.key, hashes)
     path_nos = table.path_nos[slots]
     if not any_of(path_nos):  # no rule touches any of them
         return Governed(None, n, n, n, 0, 0, n, 0)
@@ -838,7 +846,7 @@ def _govern_cached(
     relabeled_any = False
     at = of[RELABEL]
     if at.size:
-        _splice(spliced, full, keys, table.new_labels, at, slots[at])
+        _splice(spliced, series, table.new_labels, at, slots[at])
         relabeled_any = True
     at = of[SAMPLED]
     if at.size:
@@ -846,14 +854,12 @@ def _govern_cached(
         relabel = table.relabels[slots[kept_at]]
         out += map(full.__getitem__, kept_at[~relabel].tolist())
         if any_of(relabel):
-            _splice(
-                spliced, full, keys, table.new_labels, kept_at[relabel], slots[kept_at[relabel]]
-            )
+            _splice(spliced, series, table.new_labels, kept_at[relabel], slots[kept_at[relabel]])
             relabeled_any = True
     at = of[DYNAMIC]
     if at.size:
         relabeled_any |= _add_one_by_one(
-            engine, out, full, keys, cached, at, slots[at], samples, now_ms
+            engine, out, full, series, cached, at, slots[at], samples, now_ms
         )
     at = of[WINDOW]
     if at.size:
@@ -867,8 +873,7 @@ def _govern_cached(
 
 def _splice(
     spliced: tuple[list[bytes], list[bytes]],
-    full: list[bytes],
-    keys: list[bytes],
+    series: Prefixed,
     new_labels: list[bytes | None],
     at: np.ndarray,
     slots: np.ndarray,
@@ -878,9 +883,7 @@ def _splice(
     labels."""
     where = at.tolist()
     spliced[0].extend(map(new_labels.__getitem__, slots.tolist()))  # type: ignore[arg-type]
-    spliced[1].extend(
-        map(bytes.removeprefix, map(full.__getitem__, where), map(keys.__getitem__, where))
-    )
+    spliced[1].extend(series.rests(where))
 
 
 def _sampled(
@@ -964,7 +967,7 @@ def _add_one_by_one(
     engine: RuleEngine,
     out: list[bytes],
     full: list[bytes],
-    keys: list[bytes],
+    prefixed: Prefixed,
     cached: list[_Cached],
     at: np.ndarray,
     slots: np.ndarray,
@@ -993,7 +996,7 @@ def _add_one_by_one(
             if t.settings.keep_input:
                 series = full[i]
                 if c.relabeled is not None:
-                    series = c.relabeled + series[len(keys[i]) :]
+                    series = c.relabeled + series[len(prefixed.key(i)) :]
                     relabeled_any = True
                 out.append(series)
     for rule_name, (state, late) in late_before.items():

@@ -210,7 +210,7 @@ class Governance:
         """Validate a serialized WriteRequest (raises BadProtobuf) and govern it."""
         stats, limits = self.stats, self.limits if self.limits_active else None
         by_series = stats is not None or limits is not None
-        samples = framed = keys_ids = None
+        samples = framed = None
         if by_series or self.rules_active:
             # Each series' labels, read first: in the usual request, the bytes of each series
             # before its sample (hashed; the keys themselves are sliced where they are read).
@@ -219,7 +219,7 @@ class Governance:
             # route), before anything is counted. A key found there to be more than labels
             # (NotLabels) sends the request back to label_keys.
             try:
-                got = prw_gov.prefix_series(data, keys=self.rules_active)
+                got = prw_gov.prefix_series(data)
                 if got is None:
                     listed = prw_gov.label_keys(data)
                     series = prw_gov.Prefixed([], hash_array(listed), None, keys=listed)
@@ -278,9 +278,8 @@ class Governance:
             counts_after = counts
         if self.rules_active:
             assert self.engine is not None
-            if changed is None:
-                keys_ids = (series.keys, series.hashes)
-            g = prw_gov.govern(self.engine, data, counts_after, keys_ids, samples, framed)
+            keys = series if changed is None else None
+            g = prw_gov.govern(self.engine, data, counts_after, keys, samples, framed)
             if changed is not None and g.data is None:
                 g = attrs.evolve(g, data=data)
             # Unless the limits rewrote it, govern counted the request itself: exactly, also
