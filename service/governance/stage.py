@@ -557,8 +557,8 @@ class Governance:
                     removed += len(ts.samples)
                     continue
             rule = d.annotate.get(i)
-            old = key_of(i) if rule is not None else None
-            if rule is not None and old is not None and series.startswith(old):
+            old = key_of(i) if rule is not None else b""
+            if rule is not None and series.startswith(old):
                 f = facts[i]
                 labels = {**f.labels(), LimitEngine.ANNOTATION: rule}
                 series = prw_gov.labels_wire(f.name, labels) + series[len(old) :]
