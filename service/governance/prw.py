@@ -552,21 +552,17 @@ def _layout(size: int, tag: int) -> _Layout | None:
 
 
 def _framed_layout(size: int, tag: int) -> tuple[np.ndarray, np.ndarray, _Layout] | None:
-    """`_layout` with the sample field's tag and length before it (mask, expected bytes)."""
-    key = (size, tag)
-    if key not in _FRAMED_LAYOUTS:
-        layout = _layout(size, tag) if size else None  # empty samples: the general path
-        got = None
-        if layout is not None:
-            mask = np.concatenate((np.array([0xFF, 0xFF], dtype=np.uint8), layout[0]))
-            expect = np.concatenate((np.array([0x12, size], dtype=np.uint8), layout[1]))
-            got = (mask, expect, layout)
-        _FRAMED_LAYOUTS[key] = got
-    return _FRAMED_LAYOUTS[key]
+    """`_layout` with the sample field's tag and length before it (mask, expected bytes).
+    Not cached: `_tail_checks` keeps what it derives from it."""
+    layout = _layout(size, tag) if size else None  # empty samples: the general path
+    if layout is None:
+        return None
+    mask = np.concatenate((np.array([0xFF, 0xFF], dtype=np.uint8), layout[0]))
+    expect = np.concatenate((np.array([0x12, size], dtype=np.uint8), layout[1]))
+    return mask, expect, layout
 
 
 _LAYOUTS: dict[tuple[int, int], _Layout | None] = {}
-_FRAMED_LAYOUTS: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, _Layout] | None] = {}
 _BYTE_OFFSETS = np.arange(20, dtype=np.int64)
 _CUT_TAIL = [slice(None, -k if k else None) for k in range(23)]  # a series' bytes less k
 _LAST = [slice(-k, None) for k in range(23)]  # a series' last k bytes (k > 0)
@@ -996,7 +992,7 @@ def _add_one_by_one(
             if t.settings.keep_input:
                 series = full[i]
                 if c.relabeled is not None:
-                    series = c.relabeled + series[len(prefixed.key(i)) :]
+                    series = c.relabeled + next(prefixed.rests([i]))
                     relabeled_any = True
                 out.append(series)
     for rule_name, (state, late) in late_before.items():
